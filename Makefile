@@ -1,0 +1,60 @@
+# spin_jax: every target builds or refreshes its own virtual environment first.
+#   make train ITER=0            one SPIN iteration with the CPU default config
+#   make test                    the test suite (installs the test extras too)
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= configs/cpu_default.yaml
+ITER ?= 0
+ITERS ?= 2
+ARGS ?=
+
+PY := $(VENV)/bin/python
+REQ_HASH := $(shell cat requirements.txt requirements-embedded.txt pyproject.toml | sha1sum | cut -c1-12)
+DEV_HASH := $(shell cat requirements-dev.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.stamp-runtime-$(REQ_HASH)
+DEV_STAMP := $(VENV)/.stamp-dev-$(DEV_HASH)
+
+.PHONY: venv venv-dev test test-fast train generate spin evaluate report export bench bench-generate bench-train clean
+
+venv: $(STAMP)
+venv-dev: $(STAMP) $(DEV_STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-embedded.txt
+	$(PY) -m pip install -q --no-deps -e .
+	rm -f $(VENV)/.stamp-runtime-*
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	rm -f $(VENV)/.stamp-dev-*
+	touch $@
+
+test: venv-dev
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: venv-dev
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+train: venv
+	$(PY) -m spin_jax train --config $(CONFIG) --iter $(ITER) $(ARGS)
+
+generate: venv
+	$(PY) -m spin_jax generate --config $(CONFIG) --iter $(ITER) $(ARGS)
+
+spin: venv
+	$(PY) -m spin_jax spin --config $(CONFIG) --iters $(ITERS) $(ARGS)
+
+bench: bench-generate bench-train
+
+bench-generate: venv-dev
+	$(PY) bench/bench_generate.py $(ARGS)
+
+bench-train: venv-dev
+	$(PY) bench/bench_train.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

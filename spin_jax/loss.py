@@ -1,0 +1,90 @@
+"""SPIN's loss as pure functions of log-probs. Nothing here knows about models.
+
+sequence_logps:  summed fp32 log-probs of the labelled tokens (the reference sums, not averages)
+spin_loss:       per-example SPIN losses and the reference's metrics, given policy and opponent
+                 log-probs of the real (human) and generated (opponent-sampled) responses.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def sequence_logps(logits, labels, mask):
+    """Sum over t of log softmax(logits[b, t])[labels[b, t]] where mask[b, t].
+
+    logits [B, T, V] (any float dtype; computed in fp32), labels [B, T] int, mask [B, T] bool.
+    Labels are already aligned with logits (label t is the token that follows position t).
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask, picked - lse, 0.0), axis=-1)
+
+
+def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int):
+    """Per-token log-probs [B, T] from hidden [B, T, D] and the output matrix w_out [D, V],
+    computing the logits `vocab_chunk` columns at a time, so [B, T, V] fp32 never exists at once."""
+    b, t, _ = hidden.shape
+    v = w_out.shape[1]
+    if vocab_chunk <= 0 or vocab_chunk >= v:
+        logits = jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0] - lse
+    n = -(-v // vocab_chunk)
+    pad = n * vocab_chunk - v
+    w = jnp.pad(w_out, ((0, 0), (0, pad))).reshape(w_out.shape[0], n, vocab_chunk).transpose(1, 0, 2)
+
+    def body(carry, xs):
+        m, s, picked = carry
+        w_c, start = xs
+        logits = jnp.einsum("btd,dv->btv", hidden, w_c, preferred_element_type=jnp.float32)
+        cols = start + jnp.arange(vocab_chunk)
+        logits = jnp.where(cols < v, logits, -jnp.inf)
+        m_new = jnp.maximum(m, logits.max(-1))
+        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
+        local = labels - start
+        hit = (local >= 0) & (local < vocab_chunk)
+        got = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab_chunk - 1)[..., None], -1)[..., 0]
+        return (m_new, s, jnp.where(hit, got, picked)), None
+
+    init = (jnp.full((b, t), -jnp.inf, jnp.float32), jnp.zeros((b, t), jnp.float32),
+            jnp.zeros((b, t), jnp.float32))
+    (m, s, picked), _ = jax.lax.scan(body, init, (w, jnp.arange(n) * vocab_chunk))
+    return picked - (m + jnp.log(s))
+
+
+def spin_loss(policy_real, policy_generated, opponent_real, opponent_generated, beta: float,
+              loss_type: str = "sigmoid"):
+    """Per-example SPIN losses [B] and the reference's metrics (each [B]; average them yourself).
+
+    logits = (pi_real - pi_gen) - (opp_real - opp_gen)
+      sigmoid: -log sigmoid(beta * logits)        (the paper's logistic loss)
+      hinge:   relu(1 - beta * logits)             (the reference trainer's alternative)
+      ipo:     (logits - 1 / (2 beta))^2           (IPO's squared loss)
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
+    pi_logratio = policy_real - policy_generated
+    ref_logratio = opponent_real - opponent_generated
+    logits = pi_logratio - ref_logratio
+    if loss_type == "sigmoid":
+        losses = -jax.nn.log_sigmoid(beta * logits)
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1.0 - beta * logits)
+    else:
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    real_rewards = beta * (policy_real - opponent_real)
+    generated_rewards = beta * (policy_generated - opponent_generated)
+    metrics = {
+        "rewards/real": real_rewards,
+        "rewards/generated": generated_rewards,
+        "rewards/margins": real_rewards - generated_rewards,
+        "rewards/accuracies": (real_rewards > generated_rewards).astype(jnp.float32),
+        "logps/real": policy_real,
+        "logps/generated": policy_generated,
+    }
+    return losses, metrics

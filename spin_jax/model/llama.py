@@ -1,0 +1,269 @@
+"""The Llama-family causal LM: Flax NNX for parameters, pure functions for the forward pass.
+
+`init_params(cfg, rng)` builds the parameters with an NNX module (each weight an `nnx.Param`
+carrying its logical axes) and returns them as a plain pytree; `param_axes(cfg)` returns the same
+tree of logical-axis tuples, so sharding is a rule table (`spin_jax.sharding`). `forward(params,
+cfg, tokens, ...)` is a pure function of the params pytree; the layers are stacked along a
+leading `layers` axis and run under `lax.scan`, so compile time does not grow with depth.
+
+Layout of the params tree (D hidden, H heads, K kv heads, E head_dim, F mlp, V vocab, L layers):
+  embed            [V, D]
+  layers/attn_norm [L, D]      layers/wq [L, D, H, E]   layers/wk, wv [L, D, K, E]
+  layers/bq [L, H, E], bk, bv [L, K, E] (Qwen2 only)    layers/wo [L, H, E, D]
+  layers/mlp_norm  [L, D]      layers/w_gate, w_up [L, D, F]   layers/w_down [L, F, D]
+  final_norm       [D]
+  lm_head          [D, V]      (absent with tied embeddings)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spin_jax.model.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+    """Decode cache. Slots are absolute indices into a fixed-size buffer shared by the batch."""
+    k: jax.Array  # [L, B, S, K, E]
+    v: jax.Array  # [L, B, S, K, E]
+    pos: jax.Array  # [B, S] int32 position id of the token in each slot
+    valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
+    index: jax.Array  # [] int32: next slot to write
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def forward(params, cfg: ModelConfig, tokens, positions=None, valid=None,
+            cache: Optional[KVCache] = None):
+    """Logits for `tokens` [B, T] (and the updated cache when one is given).
+
+    positions: [B, T] int32 RoPE positions (default 0..T-1); valid: [B, T] bool, False on padding.
+    Without a cache, attention is causal within `tokens`. With a cache, the T tokens are written at
+    slots [cache.index, cache.index + T) and attend to every valid earlier slot.
+    Returns (logits [B, T, V] float32, new_cache or None).
+    """
+    hidden, cache = forward_hidden(params, cfg, tokens, positions, valid, cache)
+    return logits_from_hidden(params, cfg, hidden), cache
+
+
+def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
+                   cache: Optional[KVCache] = None):
+    """The final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if valid is None:
+        valid = jnp.ones((b, t), dtype=bool)
+    dtype = jnp.dtype(cfg.dtype)
+    x = params["embed"].astype(dtype)[tokens]  # [B, T, D]
+    cos, sin = rope_tables(cfg, positions)  # [B, T, E]
+
+    if cache is None:
+        q_slot = jnp.arange(t, dtype=jnp.int32)
+        k_slot, k_pos, k_valid = q_slot, positions, valid
+    else:
+        q_slot = cache.index + jnp.arange(t, dtype=jnp.int32)
+        k_pos = jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (0, cache.index))
+        k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+        k_slot = jnp.arange(cache.pos.shape[1], dtype=jnp.int32)
+    mask = attention_mask(cfg, q_slot, positions, k_slot, k_pos, k_valid)  # [B, T, S]
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        lp, i = xs
+        lp = jax.tree.map(lambda a: a.astype(dtype), lp)
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("btd,dhe->bthe", h, lp["wq"])
+        k = jnp.einsum("btd,dke->btke", h, lp["wk"])
+        v = jnp.einsum("btd,dke->btke", h, lp["wv"])
+        if cfg.attention_bias:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ck is not None:
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, cache.index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, cache.index, 0, 0))
+            k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dtype)
+            v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dtype)
+        attn = attention(q, k, v, mask)  # [B, T, H, E]
+        x = x + jnp.einsum("bthe,hed->btd", attn, lp["wo"])
+        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+        gate = jnp.einsum("btd,df->btf", h, lp["w_gate"])
+        up = jnp.einsum("btd,df->btf", h, lp["w_up"])
+        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"])
+        return (x, ck, cv), None
+
+    layer = _remat(layer, cfg.remat)
+    ck = cv = None
+    if cache is not None:
+        ck, cv = cache.k, cache.v
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), (params["layers"], layer_ids))
+    x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    if cache is not None:
+        cache = KVCache(ck, cv, k_pos, k_valid, cache.index + t)
+    return x, cache
+
+
+def logits_from_hidden(params, cfg: ModelConfig, hidden):
+    """[..., D] hidden states -> [..., V] float32 logits."""
+    w = output_embedding(params, cfg).astype(hidden.dtype)  # [D, V]
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+def output_embedding(params, cfg: ModelConfig):
+    """The [D, V] output projection (the transposed input embedding when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   pos=jnp.zeros((batch, length), jnp.int32),
+                   valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+
+
+CACHE_AXES = KVCache(k=("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+                     v=("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+                     pos=("batch", "cache_seq"), valid=("batch", "cache_seq"), index=())
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+    """Random params (normal, std 0.02; norms at 1) as a plain pytree of arrays."""
+    model = CausalLMParams(cfg, nnx.Rngs(params=rng))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def param_axes(cfg: ModelConfig):
+    """The params tree with each leaf replaced by its tuple of logical axis names."""
+    abstract = nnx.eval_shape(lambda: CausalLMParams(cfg, nnx.Rngs(params=0)))
+    state = nnx.state(abstract, nnx.Param)
+    axes = jax.tree.map(lambda v: v.get_metadata()["axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(axes)
+
+
+def param_shapes(cfg: ModelConfig):
+    """The params tree of jax.ShapeDtypeStruct (no allocation)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters (NNX)
+
+
+class CausalLMParams(nnx.Module):
+    """Holds the weights, each annotated with logical axes; the computation is `forward`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        d, f, h, k, e, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                            cfg.num_kv_heads, cfg.head_dim, cfg.num_layers)
+
+        def normal(shape, axes):
+            return nnx.Param((0.02 * jax.random.normal(rngs.params(), shape)).astype(pd), axes=axes)
+
+        def ones(shape, axes):
+            return nnx.Param(jnp.ones(shape, pd), axes=axes)
+
+        self.embed = normal((cfg.vocab_size, d), ("vocab", "embed"))
+        layers = dict(
+            attn_norm=ones((n, d), ("layers", "norm")),
+            wq=normal((n, d, h, e), ("layers", "embed", "heads", "head_dim")),
+            wk=normal((n, d, k, e), ("layers", "embed", "kv_heads", "head_dim")),
+            wv=normal((n, d, k, e), ("layers", "embed", "kv_heads", "head_dim")),
+            wo=normal((n, h, e, d), ("layers", "heads", "head_dim", "embed")),
+            mlp_norm=ones((n, d), ("layers", "norm")),
+            w_gate=normal((n, d, f), ("layers", "embed", "mlp")),
+            w_up=normal((n, d, f), ("layers", "embed", "mlp")),
+            w_down=normal((n, f, d), ("layers", "mlp", "embed")),
+        )
+        if cfg.attention_bias:
+            layers.update(bq=normal((n, h, e), ("layers", "heads", "head_dim")),
+                          bk=normal((n, k, e), ("layers", "kv_heads", "head_dim")),
+                          bv=normal((n, k, e), ("layers", "kv_heads", "head_dim")))
+        self.layers = nnx.Dict(layers)
+        self.final_norm = ones((d,), ("norm",))
+        if not cfg.tie_embeddings:
+            self.lm_head = normal((d, cfg.vocab_size), ("embed", "vocab"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x, w, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf.astype(x.dtype) * w).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    e = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+    rs = cfg.rope_scaling_dict
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+        raise NotImplementedError(f"rope_scaling {rs} is not supported (llama3 or none)")
+    return inv.astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """cos, sin [B, T, E] in float32 for the half-rotation ("rotate_half") convention."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, E/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, N, E]; rotate pairs (i, i + E/2)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None, :] + rot * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask(cfg: ModelConfig, q_slot, q_pos, k_slot, k_pos, k_valid):
+    """[B, T, S] bool: key slot valid, not after the query, within the sliding window."""
+    mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & k_valid[:, None, :]
+    if cfg.sliding_window is not None:
+        mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window
+    return mask
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q [B,T,H,E], k/v [B,S,K,E], mask [B,T,S] -> [B,T,H,E]."""
+    b, t, h, e = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, h // kh, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(e).astype(np.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v)
+    return out.reshape(b, t, h, e)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)

@@ -1,0 +1,96 @@
+"""Device mesh, logical-axis rules, and multi-host start-up.
+
+The model annotates every weight with logical axes (`spin_jax.model.llama.param_axes`); this file
+maps them onto a ("data", "fsdp", "tensor") mesh with one rule table. A dimension that the mesh
+axes do not divide is replicated instead (e.g. SmolLM2's 9 heads over tensor=2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (None = replicated)
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "length": None,
+    "cache_seq": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A mesh over all devices; one axis size may be -1 (fill with what is left)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not "
+                             f"divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
+                         f"there are {len(devices)}. Set mesh sizes whose product is the device count "
+                         "(or one of them to -1).")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for one array; mesh axes that do not divide the dimension are dropped."""
+    rules = RULES if rules is None else rules
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        mesh_axes = tuple(a for a in (rules.get(name) or ()) if a not in used and mesh.shape[a] > 1)
+        while mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes):
+            mesh_axes = mesh_axes[:-1]
+        used.update(mesh_axes)
+        out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return P(*out)
+
+
+def tree_shardings(axes_tree, shape_tree, mesh: Mesh, rules=None):
+    """NamedShardings for a pytree given its logical-axes tree and its shapes."""
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)  # noqa
+    flat_axes, treedef = jax.tree.flatten(axes_tree, is_leaf=is_axes)
+    flat_shapes = treedef.flatten_up_to(shape_tree)
+    return treedef.unflatten([NamedSharding(mesh, logical_to_spec(a, s.shape, mesh, rules))
+                              for a, s in zip(flat_axes, flat_shapes)])
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_size: int | None = None) -> NamedSharding:
+    """Leading axis over (data, fsdp), the rest replicated."""
+    spec = logical_to_spec(("batch",) + (None,) * (ndim - 1),
+                           (batch_size or math.prod(mesh.shape[a] for a in ("data", "fsdp")),)
+                           + (1,) * (ndim - 1), mesh)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_params(params, cfg, mesh: Mesh):
+    """Place a params pytree (numpy or jax) on the mesh by the rule table."""
+    from spin_jax.model import llama
+
+    shardings = tree_shardings(llama.param_axes(cfg), params, mesh)
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype=cfg.param_dtype)
+                                                    if not isinstance(x, jax.Array) else x, s),
+                        params, shardings), shardings

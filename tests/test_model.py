@@ -1,0 +1,143 @@
+"""The Flax model against transformers' PyTorch models: logits, KV-cache decode, padding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spin_jax.io import hf
+from spin_jax.model import llama
+from spin_jax.model.config import tiny_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def torch_tiny(arch, seed=0):
+    """A random transformers model built by transformers itself (our code not involved)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="eager")
+    if arch == "llama":
+        c = transformers.LlamaConfig(**common, rope_theta=10000.0,
+                                     rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 16})
+        m = transformers.LlamaForCausalLM(c)
+    elif arch == "llama_tied":
+        c = transformers.LlamaConfig(**{**common, "tie_word_embeddings": True}, rope_theta=500.0)
+        m = transformers.LlamaForCausalLM(c)
+    elif arch == "mistral":
+        c = transformers.MistralConfig(**common, sliding_window=4, rope_theta=10000.0)
+        m = transformers.MistralForCausalLM(c)
+    elif arch == "qwen2":
+        c = transformers.Qwen2Config(**common, rope_theta=1000000.0, use_sliding_window=False)
+        m = transformers.Qwen2ForCausalLM(c)
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # non-trivial norm weights and biases so they are tested too
+        for name, p in m.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return m.eval()
+
+
+def torch_logits(m, tokens):
+    with torch.no_grad():
+        return m(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "mistral", "qwen2"])
+def test_logits_match_transformers_tiny(arch, tmp_path):
+    m = torch_tiny(arch)
+    m.save_pretrained(tmp_path)
+    cfg, params = hf.read_hf_dir(str(tmp_path))
+    if arch == "mistral":
+        assert cfg.sliding_window == 4
+    tokens = np.random.default_rng(0).integers(0, 128, size=(2, 12))  # 12 > window 4
+    ours, _ = jax.jit(lambda p, t: llama.forward(p, cfg, t))(params, tokens)
+    assert rel_err(ours, torch_logits(m, tokens)) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_export_round_trip(arch, tmp_path):
+    cfg = tiny_config(arch, tie_embeddings=(arch == "llama"))
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(1)))
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 10))
+    ours, _ = llama.forward(params, cfg, tokens)
+    hf.export_hf_dir(params, cfg, str(tmp_path / "out"))
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert rel_err(ours, torch_logits(m.eval(), tokens)) <= 1e-4
+    cfg2, params2 = hf.read_hf_dir(str(tmp_path / "out"))
+    assert cfg2 == cfg
+    back, _ = llama.forward(params2, cfg2, tokens)
+    assert rel_err(back, ours) <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_kv_cache_decode_equals_full_forward(arch):
+    cfg = tiny_config(arch)
+    params = llama.init_params(cfg, jax.random.key(2))
+    b, t, prefill = 2, 11, 5
+    tokens = jax.random.randint(jax.random.key(3), (b, t), 0, cfg.vocab_size)
+    full, _ = llama.forward(params, cfg, tokens)
+    cache = llama.init_cache(cfg, b, 16)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, cache = llama.forward(params, cfg, tokens[:, :prefill], pos[:, :prefill], cache=cache)
+    steps = [logits]
+    step = jax.jit(lambda p, tok, ps, c: llama.forward(p, cfg, tok, ps, cache=c))
+    for i in range(prefill, t):
+        logits, cache = step(params, tokens[:, i:i + 1], pos[:, i:i + 1], cache)
+        steps.append(logits)
+    assert rel_err(jnp.concatenate(steps, axis=1), full) <= 1e-5
+
+
+def test_left_padding_does_not_change_logits():
+    cfg = tiny_config("mistral")
+    params = llama.init_params(cfg, jax.random.key(4))
+    tokens = jax.random.randint(jax.random.key(5), (1, 9), 0, cfg.vocab_size)
+    alone, _ = llama.forward(params, cfg, tokens)
+    pad = 3
+    padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), tokens], axis=1)
+    valid = jnp.arange(9 + pad)[None] >= pad
+    pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    out, _ = llama.forward(params, cfg, padded, pos, valid)
+    assert rel_err(out[:, pad:], alone) <= 1e-5
+
+
+def test_scan_compile_time_independent_of_depth():
+    """The layer stack is one scanned body: the HLO does not grow with the number of layers."""
+    sizes = []
+    for n in (2, 8):
+        cfg = tiny_config("llama", num_layers=n)
+        shapes = llama.param_shapes(cfg)
+        tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        text = jax.jit(lambda p, t: llama.forward(p, cfg, t)[0]).lower(shapes, tokens).as_text()
+        sizes.append(len(text))
+    assert abs(sizes[1] - sizes[0]) < 0.02 * sizes[0]
+
+
+def test_param_axes_cover_every_weight():
+    cfg = tiny_config("qwen2")
+    shapes = llama.param_shapes(cfg)
+    axes = llama.param_axes(cfg)
+    flat_s = jax.tree_util.tree_leaves_with_path(shapes)
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)))
+    for path, s in flat_s:
+        assert len(flat_a[path]) == len(s.shape), path
+
+
+def test_smollm2_logits_match_transformers_gguf(smollm2, smollm2_torch, smollm2_torch_tokenizer):
+    """The real 135M model, loaded from the same GGUF by both sides (each its own dequantizer)."""
+    text = ["The capital of France is Paris, and the capital of Germany is",
+            "def fibonacci(n):\n    if n < 2:\n        return n\n"]
+    ids = [smollm2_torch_tokenizer(t)["input_ids"][:12] for t in text]
+    tokens = np.array(ids)
+    ours, _ = jax.jit(lambda p, t: llama.forward(p, smollm2.cfg, t))(smollm2.params, tokens)
+    assert rel_err(ours, torch_logits(smollm2_torch, tokens)) <= 1e-4
