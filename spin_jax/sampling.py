@@ -1,0 +1,234 @@
+"""The opponent's generator: prefill + one jitted `lax.while_loop` of one-token decode steps.
+
+`Sampler(params, cfg, mesh).generate(prompts, params)` takes token-id prompts, pads them into
+fixed (batch, power-of-two prompt length) buckets, and runs `sample_batch` under `jax.jit` with
+explicit shardings; the KV cache buffer is donated and reused between calls of the same bucket.
+
+Each sampled token's log-prob is returned under the model at temperature 1 with no top-k/top-p
+masking. When sampling itself uses temperature 1, top_p 1 and top_k 0 (SPIN's setting), this is
+exactly log p_opponent(token | prefix), so the opponent's summed log-prob of its own response comes
+for free; with any other setting it is still the model's log-prob but not the sampling law's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from spin_jax import sharding
+from spin_jax.data.tokenize import bucket
+from spin_jax.model import llama
+from spin_jax.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    greedy: bool = False
+    stop_ids: tuple[int, ...] = ()  # EOS / end-of-turn ids; empty = run to max_new_tokens
+
+    @property
+    def logps_are_model_logps(self) -> bool:
+        """True when the sampling law is the model's own distribution (see module docstring)."""
+        return not self.greedy and self.temperature == 1.0 and self.top_k == 0 and self.top_p >= 1.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@struct.dataclass
+class DecodeState:
+    tokens: jax.Array  # [B, N] sampled ids (pad after a row is done)
+    logps: jax.Array  # [B, N] fp32 log-prob of each sampled token at temperature 1
+    last: jax.Array  # [B] the token to feed next
+    pos: jax.Array  # [B] its position id
+    done: jax.Array  # [B] bool: row hit a stop id
+    lengths: jax.Array  # [B] tokens generated (stop id included)
+    cache: llama.KVCache
+    rng: jax.Array
+    step: jax.Array  # [] next column of `tokens` to write
+
+
+@dataclasses.dataclass
+class Sample:
+    tokens: list[int]  # generated ids, stop id included when the row stopped on one
+    logps: list[float]  # per-token log-probs (temperature 1, unmasked)
+    finish_reason: str  # "eos" | "length"
+
+    @property
+    def logp(self) -> float:
+        return float(np.sum(self.logps, dtype=np.float64))
+
+
+def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: llama.KVCache, prompt, valid, rng,
+                 pad_id: int = 0):
+    """Sample up to sp.max_new_tokens for a left-padded batch. prompt/valid [B, P].
+
+    Returns (tokens [B, N], logps [B, N], lengths [B], done [B], cache).
+    """
+    b, p = prompt.shape
+    n = sp.max_new_tokens
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    # Reuse the donated buffers; reset the bookkeeping (stale k/v past the index is masked causally).
+    cache = llama.KVCache(cache.k, cache.v, jnp.zeros_like(cache.pos), jnp.zeros_like(cache.valid),
+                          jnp.zeros((), jnp.int32))
+    logits, cache = llama.forward(params, cfg, prompt, positions, valid, cache=cache)
+    rng, key = jax.random.split(rng)
+    first, first_logp = choose(logits[:, -1], key, sp)
+    stop = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
+    done = jnp.isin(first, stop)
+    state = DecodeState(
+        tokens=jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first),
+        logps=jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_logp),
+        last=first, pos=positions[:, -1] + 1, done=done, lengths=jnp.ones((b,), jnp.int32),
+        cache=cache, rng=rng, step=jnp.ones((), jnp.int32))
+    cache_len = cache.pos.shape[1]
+
+    def cond(s: DecodeState):
+        return (s.step < n) & ~jnp.all(s.done) & (s.cache.index < cache_len)
+
+    def body(s: DecodeState):
+        # Rows already done feed an invalid slot: they no longer write to the cache or the output.
+        logits, cache = llama.forward(params, cfg, s.last[:, None], s.pos[:, None], ~s.done[:, None],
+                                      cache=s.cache)
+        rng, key = jax.random.split(s.rng)
+        tok, tok_logp = choose(logits[:, 0], key, sp)
+        tok = jnp.where(s.done, pad_id, tok)
+        tok_logp = jnp.where(s.done, 0.0, tok_logp)
+        return DecodeState(
+            tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
+            logps=jax.lax.dynamic_update_slice(s.logps, tok_logp[:, None], (0, s.step)),
+            last=tok, pos=s.pos + 1, done=s.done | jnp.isin(tok, stop),
+            lengths=s.lengths + (~s.done).astype(jnp.int32), cache=cache, rng=rng, step=s.step + 1)
+
+    s = jax.lax.while_loop(cond, body, state)
+    return s.tokens, s.logps, s.lengths, s.done, s.cache
+
+
+def choose(logits, key, sp: SamplingParams):
+    """Next tokens [B] from logits [B, V] under sp, and their log-prob at temperature 1."""
+    logits = logits.astype(jnp.float32)
+    if sp.greedy:
+        tok = jnp.argmax(logits, axis=-1)
+    else:
+        tok = jax.random.categorical(key, masked_logits(logits, sp), axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
+    return tok.astype(jnp.int32), logp
+
+
+def masked_logits(logits, sp: SamplingParams):
+    """logits / T with everything outside top-k and the top-p nucleus set to -inf."""
+    logits = logits / sp.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if sp.top_k and sp.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sp.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if sp.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, -1)
+        probs = jax.nn.softmax(sorted_logits, -1)
+        before = jnp.cumsum(probs, -1) - probs  # mass strictly ahead of each token
+        keep_sorted = before < sp.top_p  # always keeps the top token
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, neg)
+    return logits
+
+
+class Sampler:
+    """Compiled, sharded sampling for one model config on one mesh; one program per prompt bucket."""
+
+    def __init__(self, cfg: ModelConfig, mesh=None, batch_size: int = 16, pad_id: int = 0,
+                 min_prompt_bucket: int = 16, max_prompt_len: Optional[int] = None):
+        self.cfg, self.batch_size, self.pad_id = cfg, batch_size, pad_id
+        self.mesh = mesh or sharding.make_mesh()
+        self.min_bucket, self.max_prompt_len = min_prompt_bucket, max_prompt_len
+        shapes = llama.param_shapes(cfg)
+        self.param_sharding = sharding.tree_shardings(llama.param_axes(cfg), shapes, self.mesh)
+        self._caches: dict[tuple, llama.KVCache] = {}
+        self.compiled_programs: set[tuple] = set()
+
+    def place(self, params):
+        """Params (numpy or jax) on this sampler's mesh."""
+        return sharding.shard_params(params, self.cfg, self.mesh)[0]
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams, seed: int = 0,
+                 progress=None) -> list[Sample]:
+        """Samples for every prompt (token ids), in input order. Prompts are grouped by length."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[Optional[Sample]] = [None] * len(prompts)
+        for bi, start in enumerate(range(0, len(order), self.batch_size)):
+            idx = order[start:start + self.batch_size]
+            rng = jax.random.fold_in(jax.random.key(seed), bi)
+            for i, s in zip(idx, self.generate_batch(params, [prompts[i] for i in idx], sp, rng)):
+                out[i] = s
+            if progress is not None:
+                progress(len(idx), sum(len(out[i].tokens) for i in idx))
+        return out  # type: ignore[return-value]
+
+    def generate_batch(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams, rng) -> list[Sample]:
+        n_real = len(prompts)
+        longest = max(len(p) for p in prompts)
+        if self.max_prompt_len and longest > self.max_prompt_len:
+            raise ValueError(f"a prompt has {longest} tokens, over max_prompt_len={self.max_prompt_len}")
+        plen = bucket(longest, self.min_bucket)
+        rows = list(prompts) + [prompts[0]] * (self.batch_size - n_real)
+        tokens = np.full((self.batch_size, plen), self.pad_id, np.int32)
+        valid = np.zeros((self.batch_size, plen), bool)
+        for i, p in enumerate(rows):
+            tokens[i, plen - len(p):] = p
+            valid[i, plen - len(p):] = True
+        key = (plen, sp)
+        cache = self._caches.pop(key, None)
+        if cache is None:
+            cache = self._new_cache(plen + sp.max_new_tokens)
+        self.compiled_programs.add(key)
+        toks, logps, lengths, done, cache = self._fn(sp)(params, cache, tokens, valid, rng)
+        self._caches[key] = cache
+        toks, logps, lengths, done = (np.asarray(x) for x in (toks, logps, lengths, done))
+        return [Sample(toks[i, :lengths[i]].tolist(), logps[i, :lengths[i]].tolist(),
+                       "eos" if done[i] else "length") for i in range(n_real)]
+
+    def _new_cache(self, length: int) -> llama.KVCache:
+        shapes = jax.eval_shape(lambda: llama.init_cache(self.cfg, self.batch_size, length))
+        shard = sharding.tree_shardings(tuple(llama.CACHE_AXES), tuple(shapes), self.mesh)
+        return jax.jit(lambda: llama.init_cache(self.cfg, self.batch_size, length),
+                       out_shardings=llama.KVCache(*shard))()
+
+    @functools.lru_cache(maxsize=None)
+    def _fn(self, sp: SamplingParams):
+        b = self.batch_size
+        row = sharding.batch_sharding(self.mesh, 2, b)
+        vec = sharding.batch_sharding(self.mesh, 1, b)
+        cache_sh = llama.KVCache(*sharding.tree_shardings(
+            tuple(llama.CACHE_AXES), tuple(jax.eval_shape(lambda: llama.init_cache(self.cfg, b, 16))),
+            self.mesh))
+        fn = functools.partial(sample_batch, cfg=self.cfg, sp=sp, pad_id=self.pad_id)
+        return jax.jit(lambda p, c, t, v, r: fn(p, cache=c, prompt=t, valid=v, rng=r),
+                       in_shardings=(self.param_sharding, cache_sh, row, row, sharding.replicated(self.mesh)),
+                       out_shardings=(row, row, vec, vec, cache_sh), donate_argnums=(1,))
+
+
+def progress_bar(total_rows: int, desc: str = "sample"):
+    """A tqdm bar over rows that shows generated tokens/s; returns (callback, bar)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_rows, desc=desc, unit="row")
+    t0, count = time.perf_counter(), [0]
+
+    def update(rows: int, tokens: int):
+        count[0] += tokens
+        bar.update(rows)
+        bar.set_postfix(tok_s=f"{count[0] / max(time.perf_counter() - t0, 1e-9):.1f}")
+
+    return update, bar
