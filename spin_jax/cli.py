@@ -38,7 +38,100 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-chunk", type=int, default=0, help="compute logits this many vocab columns at a time")
     s.add_argument("--dtype", default=None, help="compute dtype (default: float32)")
     s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("sample", help="sample responses with the jitted sampler")
+    s.add_argument("--model", default="smollm2-135m-instruct")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="one prompt; prints the response")
+    g.add_argument("--input", help='JSONL rows {"prompt": str}')
+    s.add_argument("--output", help='JSONL: rows plus "response", "n_tokens", "finish_reason"')
+    s.add_argument("--greedy", action="store_true")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default=None)
+    s.set_defaults(func=cmd_sample)
+
+    for name, helptext in (("generate", "sample iteration t's synthetic data (resumable)"),
+                           ("train", "train iteration t (generates its data first if incomplete)")):
+        s = sub.add_parser(name, help=helptext)
+        _config_args(s)
+        s.add_argument("--iter", type=int, required=True)
+        s.set_defaults(func=cmd_generate if name == "generate" else cmd_train)
+    s = sub.add_parser("spin", help="the whole loop: iterations 0 .. ITERS-1")
+    _config_args(s)
+    s.add_argument("--iters", type=int, required=True)
+    s.set_defaults(func=cmd_spin)
     return p
+
+
+def _config_args(s) -> None:
+    s.add_argument("--config", default="configs/cpu_default.yaml")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.learning_rate=1e-6 (repeatable)")
+    s.add_argument("--no-progress", action="store_true")
+
+
+def _load_config(args):
+    from spin_jax.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_generate(args) -> None:
+    from spin_jax import iterate
+
+    print(iterate.generate(_load_config(args), args.iter, progress=not args.no_progress))
+
+
+def cmd_train(args) -> None:
+    from spin_jax import iterate
+
+    iterate.train_iteration(_load_config(args), args.iter, progress=not args.no_progress)
+
+
+def cmd_spin(args) -> None:
+    from spin_jax import iterate
+
+    iterate.spin(_load_config(args), args.iters, progress=not args.no_progress)
+
+
+def cmd_sample(args) -> None:
+    from spin_jax import scoring
+    from spin_jax.data import tokenize
+    from spin_jax.io.load import load_model
+    from spin_jax.sampling import Sampler, SamplingParams, progress_bar
+
+    if args.input and not args.output:
+        raise ValueError("--input needs --output")
+    rows = [{"prompt": args.prompt}] if args.prompt else scoring.read_jsonl(args.input, required=("prompt",))
+    model = load_model(args.model, dtype=args.dtype)
+    tok = model.tokenizer
+    sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, greedy=args.greedy, stop_ids=(tokenize.end_of_turn_id(tok),))
+    sampler = Sampler(model.cfg, batch_size=min(args.batch_size, len(rows)) if args.prompt else args.batch_size,
+                      pad_id=tok.pad_token_id or 0)
+    update, bar = progress_bar(len(rows))
+    samples = sampler.generate(sampler.place(model.params), [tokenize.prompt_ids(tok, r["prompt"]) for r in rows],
+                               sp, seed=args.seed, progress=update)
+    bar.close()
+    out = []
+    for row, smp in zip(rows, samples):
+        ids = smp.tokens[:-1] if smp.finish_reason == "eos" else smp.tokens
+        out.append({**row, "response": tok.decode(ids), "n_tokens": len(smp.tokens),
+                    "finish_reason": smp.finish_reason})
+    if args.prompt:
+        print(out[0]["response"])
+        return
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        for row in out:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.output)
+    print(f"wrote {len(out)} rows to {args.output}; compiled programs: {len(sampler.compiled_programs)}")
 
 
 def cmd_score(args) -> None:

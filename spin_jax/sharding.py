@@ -94,3 +94,23 @@ def shard_params(params, cfg, mesh: Mesh):
     return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype=cfg.param_dtype)
                                                     if not isinstance(x, jax.Array) else x, s),
                         params, shardings), shardings
+
+
+_DISTRIBUTED = {"initialized": False}
+
+
+def maybe_initialize_distributed(dcfg=None) -> None:
+    """jax.distributed.initialize() on a multi-host TPU slice, or with an explicit coordinator
+    (config `distributed.*`); nothing on a single host. Idempotent; call before using devices."""
+    import os
+
+    if _DISTRIBUTED["initialized"]:
+        return
+    addr = getattr(dcfg, "coordinator_address", None)
+    if addr:
+        jax.distributed.initialize(coordinator_address=addr, num_processes=dcfg.num_processes,
+                                   process_id=dcfg.process_id)
+        _DISTRIBUTED["initialized"] = True
+    elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        jax.distributed.initialize()  # Cloud TPU pods: everything comes from the environment
+        _DISTRIBUTED["initialized"] = True

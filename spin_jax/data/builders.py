@@ -1,0 +1,233 @@
+"""TFDS builders without TensorFlow: prepared as array_record, read with `as_data_source()`.
+
+`load_split` is the one entry point: it prepares a data set into `data_dir` once (a later call
+reuses the prepared files) and returns a random-access sequence of plain-python dicts:
+    sharegpt / ultrachat_200k: {"id", "prompt", "response": str, "messages": [{"role", "content"}]}
+    spin_synthetic:            a store row (see spin_jax.data.store), opponent log-probs float|None
+The skip counts of a source are kept with the prepared data: `builder.info.metadata["stats"]`.
+
+Nothing here may touch TensorFlow: no `as_dataset`, no tfrecord.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from spin_jax.data import sources
+
+FILE_FORMAT = "array_record"
+JSON_FIELDS = ("messages", "sampling")  # stored as JSON text, decoded by load_split
+
+
+def load_split(name: str, data_dir: str, split: str, manual_dir: str | None = None,
+               max_bad_fraction: float = 0.0) -> "Rows":
+    """Prepare `name` into `data_dir` if needed and return `split` as a sequence of dicts.
+
+    name: "sharegpt" (split "train"; manual_dir optionally a directory/file with the ShareGPT JSON),
+          "ultrachat_200k" (splits "train_sft", "test_sft"; manual_dir = the hub download),
+          "spin_synthetic" (split "train"; manual_dir = an iteration store directory).
+    split may be a TFDS slice such as "train[:98%]". Use one data_dir per source file; the
+    prepared copy is reused as is. Several hosts sharing a data_dir: prepare on one first.
+    """
+    builder = make_builder(name, data_dir, manual_dir, max_bad_fraction)
+    prepare(builder, manual_dir)
+    base = split.split("[", 1)[0]
+    if base not in builder.info.splits:
+        raise ValueError(f"{name}: no split {base!r} in the prepared data at {builder.data_dir}; "
+                         f"available: {', '.join(builder.info.splits)}")
+    return Rows(builder.as_data_source(split))
+
+
+def make_builder(name: str, data_dir: str, manual_dir: str | None = None,
+                 max_bad_fraction: float = 0.0) -> tfds.core.GeneratorBasedBuilder:
+    if name == "sharegpt":
+        return Sharegpt(data_dir=data_dir, source_path=manual_dir, max_bad_fraction=max_bad_fraction)
+    if name == "ultrachat_200k":
+        return Ultrachat200k(data_dir=data_dir, max_bad_fraction=max_bad_fraction)
+    if name == "spin_synthetic":
+        if manual_dir is None:
+            raise ValueError("spin_synthetic needs manual_dir: the store directory "
+                             "(runs/<run>/iter<t>/synthetic)")
+        return SpinSynthetic(data_dir=data_dir, config=synthetic_config(manual_dir))
+    raise ValueError(f"unknown data set {name!r}; known: {', '.join(BUILDERS)}")
+
+
+def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str | None = None) -> None:
+    """download_and_prepare as array_record (no-op when already prepared)."""
+    if builder.is_prepared():
+        return
+    if isinstance(builder, Ultrachat200k):
+        if manual_dir is None:
+            raise ValueError(f"ultrachat_200k is not prepared in {builder.data_dir}; pass manual_dir "
+                             f"= the local copy of {sources.ULTRACHAT_REPO}")
+        sources.ultrachat_files(manual_dir, "train_sft")  # a clear error before TFDS's own
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+    builder.download_and_prepare(download_config=config, file_format=FILE_FORMAT)
+
+
+class Rows(Sequence):
+    """A random-access view of a TFDS data source that yields dicts of python values."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return to_python(self.source[index])
+
+    def __getitems__(self, indices) -> list[dict]:
+        return [to_python(r) for r in self.source.__getitems__(list(indices))]
+
+
+def to_python(record: dict) -> dict:
+    """bytes -> str, JSON fields -> objects, numpy scalars -> float (NaN -> None)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+            if key in JSON_FIELDS:
+                value = json.loads(value)
+        elif isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------- builders
+
+CHAT_FEATURES = dict(id=tfds.features.Text(), prompt=tfds.features.Text(),
+                     response=tfds.features.Text(), messages=tfds.features.Text())
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder that reads local files only (no downloads, no checksums)."""
+
+    # TFDS 4.9.10 computes `code_path` (used only to find download checksum files) through
+    # `importlib_resources`, which it installs only for Python < 3.9 and which is absent here:
+    # the property fails for any builder defined in a package. Nothing here is downloaded.
+    code_path = None
+    VERSION = tfds.core.Version("1.0.0")
+
+
+class _ChatBuilder(_LocalBuilder, skip_registration=True):
+    """Shared parts: plain chat features, skip counts in info.metadata["stats"]."""
+
+    RELEASE_NOTES = {"1.0.0": "First turn pairs and the full conversation (messages as JSON)."}
+
+    def __init__(self, *, max_bad_fraction: float = 0.0, **kwargs):
+        self.max_bad_fraction = max_bad_fraction
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                     features=tfds.features.FeaturesDict(CHAT_FEATURES),
+                                     metadata=tfds.core.MetadataDict())
+
+    def _generate_examples(self, rows, stats, split):
+        for row in rows:
+            yield row["id"], dict(row, messages=json.dumps(row["messages"], ensure_ascii=False))
+        self.info.metadata.setdefault("stats", {})[split] = dict(stats)
+
+
+class Sharegpt(_ChatBuilder, skip_registration=True):
+    """ShareGPT V3 (unfiltered, cleaned, split): human -> gpt first turns, one split 'train'."""
+
+    name = "sharegpt"
+
+    def __init__(self, *, source_path: str | None = None, **kwargs):
+        self.source_path = source_path
+        super().__init__(**kwargs)
+
+    def _split_generators(self, dl_manager):
+        stats: dict = {}
+        rows = sources.iter_sharegpt(self.source_path, stats, self.max_bad_fraction)
+        return {"train": self._generate_examples(rows, stats, "train")}
+
+
+class Ultrachat200k(_ChatBuilder, skip_registration=True):
+    """HuggingFaceH4/ultrachat_200k, splits train_sft and test_sft, from a local download."""
+
+    name = "ultrachat_200k"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Download {sources.ULTRACHAT_REPO} (`huggingface-cli download {sources.ULTRACHAT_REPO} "
+        "--repo-type dataset --local-dir <dir>`) and pass <dir> as manual_dir; the parquet files "
+        "are read from <dir>/data/{train,test}_sft-*.parquet.")
+    SPLITS = ("train_sft", "test_sft")
+
+    def _split_generators(self, dl_manager):
+        manual = os.fspath(dl_manager.manual_dir)
+        splits = {}
+        for split in self.SPLITS:
+            try:
+                sources.ultrachat_files(manual, split)
+            except FileNotFoundError:
+                continue
+            stats: dict = {}
+            rows = sources.iter_ultrachat(manual, split, stats, self.max_bad_fraction)
+            splits[split] = self._generate_examples(rows, stats, split)
+        return splits
+
+
+class SpinSynthetic(_LocalBuilder, skip_registration=True):
+    """One iteration's synthetic store (spin_jax.data.store) as a TFDS data set, split 'train'.
+
+    The builder config is named after the store's content digest, so a store that changed (more
+    shards, log-probs added) is prepared afresh instead of reusing a stale copy.
+    """
+
+    name = "spin_synthetic"
+    RELEASE_NOTES = {"1.0.0": "Store rows; opponent log-probs NaN when absent."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "manual_dir is the store directory runs/<run>/iter<t>/synthetic."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        text = tfds.features.Text()
+        logp = tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES)
+        return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                     features=tfds.features.FeaturesDict(dict(
+                                         id=text, prompt=text, real=text, generated=text,
+                                         sampling=text, model_hash=text,
+                                         opponent_logp_real=logp, opponent_logp_generated=logp)))
+
+    def _split_generators(self, dl_manager):
+        from spin_jax.data.store import SyntheticStore
+
+        return {"train": self._generate_examples(SyntheticStore(os.fspath(dl_manager.manual_dir)))}
+
+    def _generate_examples(self, store):
+        nan = float("nan")
+        for row in store.rows():
+            yield row["id"], dict(
+                id=row["id"], prompt=row["prompt"], real=row["real"], generated=row["generated"],
+                sampling=json.dumps(row["sampling"], sort_keys=True), model_hash=row["model_hash"],
+                opponent_logp_real=_or(row.get("opponent_logp_real"), nan),
+                opponent_logp_generated=_or(row.get("opponent_logp_generated"), nan))
+
+
+def synthetic_config(store_dir: str) -> tfds.core.BuilderConfig:
+    from spin_jax.data.store import SyntheticStore
+
+    return tfds.core.BuilderConfig(name="store_" + SyntheticStore(store_dir).digest()[:16],
+                                   description=f"store {os.path.abspath(store_dir)}")
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+BUILDERS = {"sharegpt": Sharegpt, "ultrachat_200k": Ultrachat200k, "spin_synthetic": SpinSynthetic}

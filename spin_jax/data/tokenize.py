@@ -1,0 +1,76 @@
+"""SPIN tokenization: the chat template, the reference's truncation rule, padded batches.
+
+A prompt is one user turn through the tokenizer's own chat template with the generation prompt;
+a response is its tokens followed by the end-of-turn token (the tokenizer's EOS, e.g. <|im_end|>
+for ChatML). Prompt and response are tokenized separately and concatenated, as the reference does.
+
+Batch layout for N sequences (prompt bucket P, response bucket R):
+    tokens    [N, P + R]   prompt left-padded into [0, P), response right-padded into [P, P + R)
+    valid     [N, P + R]   True on real tokens
+    positions [N, P + R]   0, 1, ... over the real tokens (RoPE positions; padding repeats)
+    labels    [N, P + R]   labels[t] = tokens[t + 1] (0 at the end)
+    loss_mask [N, P + R]   True where labels[t] is a real response token
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+    return list(out)
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [end_of_turn_id(tokenizer)]
+
+
+def end_of_turn_id(tokenizer) -> int:
+    return int(tokenizer.eos_token_id)
+
+
+def truncate(prompt: list[int], responses: Sequence[list[int]], max_length: int,
+             max_prompt_length: int):
+    """The reference's rule: if prompt + the longest response exceeds max_length, keep the LAST
+    max_prompt_length prompt tokens; if still too long, cut every response to
+    max_length - max_prompt_length tokens."""
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest > max_length:
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longest > max_length:
+        responses = [r[: max_length - max_prompt_length] for r in responses]
+    return prompt, list(responses)
+
+
+def bucket(n: int, minimum: int = 16, maximum: int | None = None) -> int:
+    """The smallest power of two >= n (at least `minimum`, at most `maximum`)."""
+    b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
+    return min(b, maximum) if maximum else b
+
+
+def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], prompt_len: int,
+         response_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Pad prompt/response pairs into the batch layout described in the module docstring."""
+    n, width = len(prompts), prompt_len + response_len
+    tokens = np.full((n, width), pad_id, np.int32)
+    valid = np.zeros((n, width), bool)
+    is_response = np.zeros((n, width), bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if len(p) > prompt_len or len(r) > response_len:
+            raise ValueError(f"row {i}: prompt {len(p)} / response {len(r)} tokens exceed the "
+                             f"buckets {prompt_len} / {response_len}")
+        tokens[i, prompt_len - len(p):prompt_len] = p
+        valid[i, prompt_len - len(p):prompt_len] = True
+        tokens[i, prompt_len:prompt_len + len(r)] = r
+        valid[i, prompt_len:prompt_len + len(r)] = True
+        is_response[i, prompt_len:prompt_len + len(r)] = True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    labels = np.zeros_like(tokens)
+    labels[:, :-1] = tokens[:, 1:]
+    loss_mask = np.zeros_like(valid)
+    loss_mask[:, :-1] = is_response[:, 1:]
+    return dict(tokens=tokens, valid=valid, positions=positions, labels=labels, loss_mask=loss_mask)
