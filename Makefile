@@ -14,7 +14,7 @@ DEV_HASH := $(shell cat requirements-dev.txt | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.stamp-runtime-$(REQ_HASH)
 DEV_STAMP := $(VENV)/.stamp-dev-$(DEV_HASH)
 
-.PHONY: venv venv-dev test test-fast train generate spin evaluate report export bench bench-generate bench-train clean
+.PHONY: venv venv-dev test train generate spin clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
@@ -36,9 +36,6 @@ $(DEV_STAMP): $(STAMP)
 test: venv-dev
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: venv-dev
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
-
 train: venv
 	$(PY) -m spin_jax train --config $(CONFIG) --iter $(ITER) $(ARGS)
 
@@ -47,14 +44,6 @@ generate: venv
 
 spin: venv
 	$(PY) -m spin_jax spin --config $(CONFIG) --iters $(ITERS) $(ARGS)
-
-bench: bench-generate bench-train
-
-bench-generate: venv-dev
-	$(PY) bench/bench_generate.py $(ARGS)
-
-bench-train: venv-dev
-	$(PY) bench/bench_train.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

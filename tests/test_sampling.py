@@ -74,6 +74,7 @@ def test_first_token_distribution_chi_square(tiny, sp):
     exp = np.append(expected[big], expected[~big].sum())
     if exp[-1] == 0:
         obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()  # float32 softmax: make the totals agree exactly
     p = stats.chisquare(obs, exp).pvalue
     assert p > 1e-3, p
 
