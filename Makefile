@@ -1,12 +1,17 @@
 # spin_jax: every target builds or refreshes its own virtual environment first.
 #   make train ITER=0            one SPIN iteration with the CPU default config
 #   make test                    the test suite (installs the test extras too)
+#   make evaluate ITER=0         held-out metrics of iteration 0's model -> runs/<run>/eval.jsonl
+#   make report                  runs/<run>/report/report.md with plots (RUN=dir, OUT=dir optional)
+#   make export ITER=0 OUT=dir   iteration 0's model as an HF directory with a model card
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= configs/cpu_default.yaml
 ITER ?= 0
 ITERS ?= 2
 ARGS ?=
+RUN ?=
+OUT ?=
 
 PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt requirements-embedded.txt pyproject.toml | sha1sum | cut -c1-12)
@@ -14,7 +19,7 @@ DEV_HASH := $(shell cat requirements-dev.txt | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.stamp-runtime-$(REQ_HASH)
 DEV_STAMP := $(VENV)/.stamp-dev-$(DEV_HASH)
 
-.PHONY: venv venv-dev test train generate spin clean
+.PHONY: venv venv-dev test train generate spin bench bench-generate bench-train evaluate report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
@@ -44,6 +49,24 @@ generate: venv
 
 spin: venv
 	$(PY) -m spin_jax spin --config $(CONFIG) --iters $(ITERS) $(ARGS)
+
+bench: bench-generate bench-train
+
+bench-generate: venv-dev
+	$(PY) bench/bench_generate.py $(ARGS)
+
+bench-train: venv-dev
+	$(PY) bench/bench_train.py $(ARGS)
+
+evaluate: venv
+	$(PY) -m spin_jax evaluate --config $(CONFIG) --iter $(ITER) $(ARGS)
+
+report: venv
+	$(PY) -m spin_jax report $(if $(RUN),--run $(RUN),--config $(CONFIG)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+export: venv
+	@test -n "$(OUT)" || { echo "make export needs OUT=<directory>, e.g. make export ITER=$(ITER) OUT=exports/iter$(ITER)"; exit 2; }
+	$(PY) -m spin_jax export --config $(CONFIG) --iter $(ITER) --out $(OUT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,4 +1,4 @@
-"""`spin-jax` command line: score, sample, generate, train, spin, evaluate, export."""
+"""`spin-jax` command line: score, sample, generate, train, spin, evaluate, report, export."""
 
 from __future__ import annotations
 
@@ -65,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(s)
     s.add_argument("--iters", type=int, required=True)
     s.set_defaults(func=cmd_spin)
+
+    s = sub.add_parser("evaluate", help="held-out SPIN metrics, log-probs and samples of iteration t's model")
+    _config_args(s)
+    s.add_argument("--iter", type=int, required=True, help="evaluates runs/<run>/iter<t>/model against θt")
+    s.set_defaults(func=cmd_evaluate)
+    s = sub.add_parser("report", help="a Markdown report with plots of a run directory")
+    s.add_argument("--run", default=None,
+                   help="the run directory, e.g. runs/smollm2_sharegpt (default: the --config's runs_dir/run_name)")
+    s.add_argument("--config", default="configs/cpu_default.yaml", help="used only without --run")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="used only without --run")
+    s.add_argument("--out", default=None, help="output directory (default: RUN/report)")
+    s.set_defaults(func=cmd_report)
+    s = sub.add_parser("export", help="iteration t's model as an HF directory with a model card")
+    _config_args(s)
+    s.add_argument("--iter", type=int, required=True)
+    s.add_argument("--out", required=True, help="a new (or empty) directory")
+    s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype (default: the stored one)")
+    s.set_defaults(func=cmd_export)
     return p
 
 
@@ -97,6 +116,24 @@ def cmd_spin(args) -> None:
     from spin_jax import iterate
 
     iterate.spin(_load_config(args), args.iters, progress=not args.no_progress)
+
+
+def cmd_evaluate(args) -> None:
+    from spin_jax import evaluate
+
+    evaluate.evaluate(_load_config(args), args.iter, progress=not args.no_progress)
+
+
+def cmd_report(args) -> None:
+    from spin_jax import report
+
+    print(report.write_report(args.run or _load_config(args).run_dir, args.out))
+
+
+def cmd_export(args) -> None:
+    from spin_jax import evaluate
+
+    print(evaluate.export_iteration(_load_config(args), args.iter, args.out, args.dtype))
 
 
 def cmd_sample(args) -> None:

@@ -54,7 +54,12 @@ def prompt_rows(cfg: Config, split: str, limit: int, tokenizer) -> list[dict]:
     from spin_jax.data.builders import load_split
 
     d = cfg.data
+    # Hosts may share data_dir: host 0 prepares the data set, the others read it afterwards.
+    if jax.process_index() != 0:
+        multihost_barrier(f"prepare {d.name}")
     rows = load_split(d.name, d.data_dir, split, d.manual_dir, d.max_bad_fraction)
+    if jax.process_index() == 0:
+        multihost_barrier(f"prepare {d.name}")
     out, skipped = [], 0
     for i in range(len(rows)):
         if len(out) == limit:
@@ -76,7 +81,11 @@ def prompt_rows(cfg: Config, split: str, limit: int, tokenizer) -> list[dict]:
 
 def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
     """Sample the opponent's responses for iteration t's prompts into its store, resumably, then
-    store the opponent's log-probs of the real and generated responses. Returns the store dir."""
+    store the opponent's log-probs of the real and generated responses. Returns the store dir.
+
+    With several processes every host samples and scores its own chunks (chunk c is host
+    c % process_count's, shard-<host>-<chunk>) on a mesh of its own devices; all hosts must call
+    this, and return together once the whole store is complete."""
     from spin_jax.sampling import Sampler, SamplingParams, progress_bar
 
     sharding.maybe_initialize_distributed(cfg.distributed)
@@ -90,7 +99,7 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
     store.set_expected(ids) if jax.process_index() == 0 else None
     pending = store_lib.pending_chunks(ids, cfg.sampling.chunk_size, store.done_ids(),
                                        jax.process_index(), jax.process_count())
-    mesh = make_mesh(cfg)
+    mesh = make_local_mesh(cfg)
     if pending:
         s = cfg.sampling
         sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -117,13 +126,21 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
         bar.close()
         log(f"sampling compiled {len(sampler.compiled_programs)} program(s): "
             f"prompt buckets {sorted(k[0] for k in sampler.compiled_programs)}")
-    multihost_barrier("generate")
-    missing = [r for r in store.rows() if r.get("opponent_logp_real") is None]
-    if missing and jax.process_index() == 0:
+    missing = own_rows_without_logps(store)
+    if missing:
         logps = opponent_logps(cfg, model, missing, mesh, progress)
         store.update_logps({r["id"]: v for r, v in zip(missing, logps)})
-    multihost_barrier("opponent_logps")
+    multihost_barrier("generate")
     return directory
+
+
+def own_rows_without_logps(store) -> list[dict]:
+    """Rows without opponent log-probs in the shards of this host's chunks (all on one host)."""
+    own = set()
+    for name, entry in store.manifest()["shards"].items():
+        if int(store_lib.SHARD_RE.match(name).group(2)) % jax.process_count() == jax.process_index():
+            own.update(entry["ids"])
+    return [r for r in store.rows() if r["id"] in own and r.get("opponent_logp_real") is None]
 
 
 def opponent_logps(cfg: Config, model, rows: list[dict], mesh, progress: bool = True) -> list[tuple]:
@@ -138,6 +155,7 @@ def opponent_logps(cfg: Config, model, rows: list[dict], mesh, progress: bool = 
     batch_pairs = cfg.sampling.batch_size
     fn = train.opponent_logps_fn(model.cfg, mesh, cfg.train.vocab_chunk, 2 * batch_pairs)
     params = sharding.shard_params(model.params, model.cfg, mesh)[0]
+    rows_sharding = sharding.batch_sharding(mesh, 2, 2 * batch_pairs)
     out = []
     for start in tqdm(range(0, len(encoded), batch_pairs), desc="opponent log-probs", unit="batch",
                       disable=not progress):
@@ -148,7 +166,7 @@ def opponent_logps(cfg: Config, model, rows: list[dict], mesh, progress: bool = 
                                tokenize.bucket(max(len(p) for p in prompts)),
                                tokenize.bucket(max(max(len(e.real), len(e.generated)) for e in chunk)),
                                model.tokenizer.pad_token_id or 0)
-        lp = np.asarray(fn(params, packed))
+        lp = np.asarray(fn(params, jax.device_put(packed, rows_sharding)))  # explicit for multi-process jit
         n = min(batch_pairs, len(encoded) - start)
         out.extend((float(lp[i]), float(lp[batch_pairs + i])) for i in range(n))
     return out
@@ -171,13 +189,15 @@ def train_iteration(cfg: Config, t: int, progress: bool = True, stop_after=None)
     t_start = time.time()
     model = load_opponent(cfg, t)
     store = store_lib.SyntheticStore(store_lib.store_dir(cfg.run_dir, t))
-    if store.missing_count() or not store.shard_names() or \
-            any(r.get("opponent_logp_real") is None for r in store.rows()):
+    incomplete = store.missing_count() or not store.shard_names() or \
+        any(r.get("opponent_logp_real") is None for r in store.rows())
+    multihost_barrier("store checked")  # every host sees the same store before any host writes
+    if incomplete:
         generate(cfg, t, model=model, progress=progress)
     mesh = make_mesh(cfg)
     rows = store_lib.training_rows(cfg.run_dir, t, cfg.data.mix_previous)
     if cfg.train.opponent_logps == "precomputed":
-        rows = with_current_opponent_logps(cfg, t, model, rows, mesh, progress)
+        rows = with_current_opponent_logps(cfg, t, model, rows, make_local_mesh(cfg), progress)
     d, tc = cfg.data, cfg.train
     examples = ex.encode_rows(model.tokenizer, rows, d.max_length, d.max_prompt_length,
                               source=f"{out_dir}/synthetic", max_bad_fraction=d.max_bad_fraction)
@@ -221,7 +241,8 @@ def train_iteration(cfg: Config, t: int, progress: bool = True, stop_after=None)
 
 def with_current_opponent_logps(cfg: Config, t: int, model, rows: list[dict], mesh, progress: bool) -> list[dict]:
     """Rows from iteration t-1 carry θ(t-1)'s log-probs; iteration t's opponent is θt, so those are
-    recomputed once (cached in iter<t>/opponent_logps_prev.json)."""
+    recomputed once (cached in iter<t>/opponent_logps_prev.json). Every host computes them on its
+    own devices (no cross-host collectives); host 0 writes the cache."""
     prev = [r for r in rows if r["iteration"] != t]
     if not prev:
         return rows
@@ -254,6 +275,11 @@ def spin(cfg: Config, iters: int, progress: bool = True) -> None:
 
 def make_mesh(cfg: Config):
     return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+
+
+def make_local_mesh(cfg: Config):
+    """This host's devices only (= make_mesh on one host): for sampling and scoring."""
+    return sharding.make_local_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
 
 
 def multihost_barrier(name: str) -> None:

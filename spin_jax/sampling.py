@@ -193,6 +193,8 @@ class Sampler:
         if cache is None:
             cache = self._new_cache(plen + sp.max_new_tokens)
         self.compiled_programs.add(key)
+        # placed explicitly: with several processes, jit refuses sharded numpy inputs
+        tokens, valid = jax.device_put((tokens, valid), sharding.batch_sharding(self.mesh, 2, self.batch_size))
         toks, logps, lengths, done, cache = self._fn(sp)(params, cache, tokens, valid, rng)
         self._caches[key] = cache
         toks, logps, lengths, done = (np.asarray(x) for x in (toks, logps, lengths, done))

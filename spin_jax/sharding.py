@@ -51,6 +51,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def make_local_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+    """A mesh over this process's devices only, for work each host does on its own (sampling its
+    chunks, scoring its rows): no collectives across hosts, so hosts need not run in lockstep.
+    On one process it is `make_mesh(data, fsdp, tensor)`. On several, the tensor axis is kept, and
+    the local devices left go to fsdp when the global mesh shards over fsdp, else to data."""
+    if jax.process_count() == 1:
+        return make_mesh(data, fsdp, tensor)
+    n = jax.local_device_count()
+    tensor = n if tensor == -1 else tensor
+    if n % tensor:
+        raise ValueError(f"mesh.tensor={tensor} does not divide the {n} devices of one host")
+    rest = n // tensor
+    local_fsdp = rest if fsdp == -1 else math.gcd(fsdp, rest)
+    return make_mesh(rest // local_fsdp, local_fsdp, tensor, devices=jax.local_devices())
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None) -> P:
     """PartitionSpec for one array; mesh axes that do not divide the dimension are dropped."""
     rules = RULES if rules is None else rules
@@ -101,13 +117,20 @@ _DISTRIBUTED = {"initialized": False}
 
 def maybe_initialize_distributed(dcfg=None) -> None:
     """jax.distributed.initialize() on a multi-host TPU slice, or with an explicit coordinator
-    (config `distributed.*`); nothing on a single host. Idempotent; call before using devices."""
+    (config `distributed.*`; coordinator_address "auto" = let JAX detect the cluster, as on a
+    gcloud TPU VM slice); nothing on a single host. Idempotent; call before using devices."""
     import os
 
     if _DISTRIBUTED["initialized"]:
         return
     addr = getattr(dcfg, "coordinator_address", None)
-    if addr:
+    if addr == "auto":  # e.g. a Cloud TPU VM slice: JAX reads workers and ids from the metadata server
+        jax.distributed.initialize()
+        _DISTRIBUTED["initialized"] = True
+    elif addr:
+        if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+            # several CPU processes (tests, CPU clusters) need cross-process collectives
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=addr, num_processes=dcfg.num_processes,
                                    process_id=dcfg.process_id)
         _DISTRIBUTED["initialized"] = True

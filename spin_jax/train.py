@@ -221,7 +221,8 @@ def fit(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, mesh, bat
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
     writer = MetricsWriter(out_dir) if jax.process_index() == 0 else None
     history, t0 = [], time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step",
+               disable=not progress or jax.process_index() != 0)
     try:
         it = batches_from(start)
         for step in range(start, steps):
@@ -237,9 +238,10 @@ def fit(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, mesh, bat
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}",
                             acc=f"{metrics['rewards/accuracies']:.2f}")
             done = step + 1
-            if done % tcfg.checkpoint_every == 0 or done == steps or stop["term"]:
+            term = _any_process(stop["term"])  # hosts save and stop at the same step
+            if done % tcfg.checkpoint_every == 0 or done == steps or term:
                 ckpt.save(done, args=ocp.args.StandardSave(state), force=True)
-            if stop["term"]:
+            if term:
                 ckpt.wait_until_finished()
                 if log:
                     log(f"SIGTERM: checkpoint {done} saved to {out_dir}/checkpoints; rerun the same command to resume")
@@ -252,10 +254,28 @@ def fit(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, mesh, bat
         signal.signal(signal.SIGTERM, old_handler)
         if writer:
             writer.close()
-    final = jax.device_get(state.params)
+    final = _to_host(state.params)
     summary = {"steps": int(state.step), "skipped_updates": int(state.skipped),
                "train_seconds": time.perf_counter() - t0, "history": history}
     return final, summary
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (a SIGTERM may reach hosts at different steps)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _to_host(tree):
+    """Global arrays -> numpy on every host (sharded params span hosts on a multi-host mesh)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _global_batch(batch: dict, mesh):

@@ -63,23 +63,26 @@ def final_tensors(runs_dir, run, t=0):
 
 
 def test_kill_9_then_rerun_equals_uninterrupted_run(tiny_model_dir, data_dir, tmp_path):
-    base = ["train", "--config", "configs/tiny_test.yaml", "--iter", "0"]
+    base = ["train", "--config", "configs/tiny_test.yaml", "--iter", "0", "--set", "train.epochs=4"]
     runs = str(tmp_path / "runs")
     run_ok(base + overrides(tiny_model_dir, data_dir, runs, "full"))
     full = final_tensors(runs, "full")
     summary = json.load(open(os.path.join(runs, "full", "iter0", "summary.json")))
-    assert summary["steps"] == 4 and summary["skipped_updates"] == 0
+    assert summary["steps"] == 8 and summary["skipped_updates"] == 0
     # the interrupted run reuses the same synthetic data (generation is tested elsewhere)
     os.makedirs(os.path.join(runs, "killed", "iter0"))
     shutil.copytree(os.path.join(runs, "full", "iter0", "synthetic"), os.path.join(runs, "killed", "iter0", "synthetic"))
     metrics = os.path.join(runs, "killed", "iter0", "metrics.jsonl")
-    kill_at = int(np.random.default_rng().integers(1, 4))
+    ckpts = os.path.join(runs, "killed", "iter0", "checkpoints")
+    kill_at = int(np.random.default_rng().integers(1, 6))  # of 8 updates
     p = cli(base + overrides(tiny_model_dir, data_dir, runs, "killed"))
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= kill_at:
+        # kill once `kill_at` updates are logged and at least one (async) checkpoint is final
+        if (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= kill_at
+                and os.path.isdir(ckpts) and any(c.isdigit() for c in os.listdir(ckpts))):
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert p.poll() is None, "training finished before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.wait()

@@ -1,0 +1,159 @@
+"""SPIN train-step throughput and peak memory: spin_jax vs a PyTorch step doing the reference's work.
+
+PyTorch baseline (what uclaml/SPIN does per step, minus DeepSpeed): transformers LlamaForCausalLM
+policy + a deep-copied frozen opponent, ONE concatenated forward of real and generated sequences,
+fp32 logits, summed response log-probs, the sigmoid SPIN loss, backward, torch RMSprop.
+spin_jax: the jitted train step with the opponent in the step, and with precomputed opponent
+log-probs (the default: the opponent is scored once per iteration, not every step).
+
+Each variant runs in its own subprocess (so peak RSS is its own); one invocation runs all of them
+and prints tokens/s, the ratios against the PyTorch step, and peak memory.
+
+    make bench-train
+    python bench/bench_train.py --pairs 4 --prompt-len 256 --response-len 256 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+VARIANTS = ("torch", "jax-in_step", "jax-precomputed")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--response-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    ap.add_argument("--vocab-chunk", type=int, default=0)
+    ap.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    if args.only:
+        out = run_torch(args) if args.only == "torch" else run_jax(args, args.only.split("-", 1)[1])
+        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    tokens = 2 * args.pairs * (args.prompt_len + args.response_len)
+    print(f"# {os.cpu_count()} CPUs; {args.pairs} pairs x {args.prompt_len + args.response_len} tokens "
+          f"= {tokens} tokens per step, fp32, {args.steps} timed steps after a warm-up")
+    results = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--only", v] + [a for a in sys.argv[1:] if a != "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"{v} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        r = json.loads(lines[-1][len("RESULT "):])
+        r["tok_s"] = tokens / r["step_s"]
+        results[v] = r
+        print(f"{v:16s} {r['tok_s']:8.1f} tok/s  step {r['step_s']:6.2f}s  peak RSS {r['peak_rss_gib']:.2f} GiB"
+              + (f"  compile {r['compile_s']:.1f}s" if "compile_s" in r else ""), flush=True)
+    base = results["torch"]["tok_s"]
+    for v in VARIANTS[1:]:
+        print(f"ratio {v} / torch: {results[v]['tok_s'] / base:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def batch_arrays(args, vocab: int, seed: int = 0):
+    """4 pairs: the same prompt for real and generated, random but fixed token ids, no padding."""
+    import numpy as np
+
+    from spin_jax.data import tokenize
+
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(100, vocab, args.prompt_len)) for _ in range(args.pairs)]
+    real = [list(rng.integers(100, vocab, args.response_len)) for _ in range(args.pairs)]
+    gen = [list(rng.integers(100, vocab, args.response_len)) for _ in range(args.pairs)]
+    return tokenize.pack(prompts + prompts, real + gen, args.prompt_len, args.response_len)
+
+
+def run_jax(args, mode: str) -> dict:
+    import jax
+    import numpy as np
+
+    from spin_jax import sharding, train
+    from spin_jax.config import TrainSection
+    from spin_jax.io.load import load_model
+
+    m = load_model(args.model)
+    tcfg = TrainSection(opponent_logps=mode, vocab_chunk=args.vocab_chunk, learning_rate=5e-7)
+    mesh = sharding.make_mesh()
+    tx, _ = train.make_optimizer(tcfg, 1000, 5e-7)
+    shapes = jax.eval_shape(lambda p: train.init_state(p, tx), m.params)
+    step = train.make_train_step(m.cfg, tcfg, tx, mesh, shapes)
+    sh = train.state_shardings(m.cfg, mesh, shapes)
+    state = jax.jit(lambda p: train.init_state(p, tx), out_shardings=sh)(jax.device_put(m.params, sh.params))
+    opponent = jax.device_put(m.params, sh.params) if mode == "in_step" else None
+    b = batch_arrays(args, m.cfg.vocab_size)
+    b["opponent_logps"] = np.full(b["tokens"].shape[0], -300.0, np.float32)
+    batch = train._global_batch(train.to_microbatches(b, 1), mesh)
+    t0 = time.perf_counter()
+    state, metrics = step(state, opponent, batch)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, opponent, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return {"step_s": min(times), "compile_s": first - min(times), "loss": float(metrics["loss"])}
+
+
+def run_torch(args) -> dict:
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from spin_jax.io.load import resolve_model_path
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    d, f = os.path.split(resolve_model_path(args.model))
+    policy = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    policy.train()  # dropout is 0 in this config, as in the reference
+    opponent = copy.deepcopy(policy).eval().requires_grad_(False)
+    opt = torch.optim.RMSprop(policy.parameters(), lr=5e-7)
+    b = {k: torch.from_numpy(v) for k, v in batch_arrays(args, policy.config.vocab_size).items()}
+    n = args.pairs
+    beta = 0.1
+
+    def logps(model, grad: bool):
+        with torch.set_grad_enabled(grad):
+            logits = model(input_ids=b["tokens"].long(), attention_mask=b["valid"].long()).logits.float()
+            tok = torch.gather(logits.log_softmax(-1), 2, b["labels"].long().unsqueeze(-1)).squeeze(-1)
+            return (tok * b["loss_mask"]).sum(-1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        pi = logps(policy, True)
+        ref = logps(opponent, False)
+        z = (pi[:n] - pi[n:]) - (ref[:n] - ref[n:])
+        loss = -F.logsigmoid(beta * z).mean()
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    return {"step_s": min(times), "loss": loss}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""A self-contained Markdown report of a run directory, with PNG plots (matplotlib, Agg).
+
+    write_report("runs/smollm2_sharegpt")          # -> runs/smollm2_sharegpt/report/report.md
+
+It reads, for every runs/<run>/iter<t>/: metrics.jsonl (training curves), config.json (settings),
+summary.json (updates, wall times), synthetic/ (the store's digest), and runs/<run>/eval.jsonl
+(held-out metrics, written by `spin-jax evaluate`). The output directory holds report.md and the
+PNGs it links by relative name, so it can be copied and read offline. Each figure is
+FIGSIZE x DPI = 1200 x 700 pixels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+
+import numpy as np
+
+TRAIN_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies")
+FIGSIZE, DPI = (12.0, 7.0), 100
+TRAIN_PNG, HELDOUT_PNG = "train_curves.png", "heldout.png"
+
+
+def write_report(run_dir: str, out_dir: str | None = None) -> str:
+    """Render report.md and its PNGs into out_dir (default run_dir/report); returns report.md's path."""
+    iters = iterations(run_dir)
+    out_dir = out_dir or os.path.join(run_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    info = {t: iteration_info(run_dir, t) for t in iters}
+    evals = latest_evals(os.path.join(run_dir, "eval.jsonl"))
+    figures = []
+    if any(i["metrics"] for i in info.values()):
+        plot_training(info, os.path.join(out_dir, TRAIN_PNG))
+        figures.append(TRAIN_PNG)
+    if evals:
+        plot_heldout(evals, os.path.join(out_dir, HELDOUT_PNG))
+        figures.append(HELDOUT_PNG)
+    text = render_markdown(run_dir, info, evals, figures)
+    path = os.path.join(out_dir, "report.md")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# reading the run directory
+
+
+def iterations(run_dir: str) -> list[int]:
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir} does not exist (a run dir is runs/<run_name>, "
+                                "e.g. runs/smollm2_sharegpt)")
+    found = sorted(int(m.group(1)) for name in os.listdir(run_dir)
+                   if (m := re.fullmatch(r"iter(\d+)", name)) and os.path.isdir(os.path.join(run_dir, name)))
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds no iter<t>/ directories; run `make train ITER=0` first")
+    return found
+
+
+def iteration_info(run_dir: str, t: int) -> dict:
+    from spin_jax.data.store import SyntheticStore
+
+    d = os.path.join(run_dir, f"iter{t}")
+    store = SyntheticStore(os.path.join(d, "synthetic"))
+    has_store = os.path.isdir(store.dir) and bool(store.shard_names())
+    manifest = store.manifest() if has_store else {}
+    return {"metrics": read_metrics(os.path.join(d, "metrics.jsonl")),
+            "config": read_json(os.path.join(d, "config.json")),
+            "summary": read_json(os.path.join(d, "summary.json")),
+            "digest": store.digest() if has_store else None,
+            "rows": manifest.get("rows"), "expected": manifest.get("expected"),
+            "trained": os.path.exists(os.path.join(d, "model", "config.json"))}
+
+
+def read_metrics(path: str) -> list[dict]:
+    """metrics.jsonl rows by step; a step logged twice (a resumed run redoes the updates after its
+    last checkpoint) keeps its last value."""
+    if not os.path.exists(path):
+        return []
+    by_step = {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # a torn last line (training killed mid-write) is skipped
+                continue
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); delete the line") from None
+        if "step" not in row:
+            raise ValueError(f"{path}:{n}: no 'step' key; metrics.jsonl rows come from `spin-jax train`")
+        by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def latest_evals(path: str) -> dict[int, dict]:
+    """The newest eval.jsonl record of each iteration."""
+    from spin_jax.evaluate import read_eval_jsonl
+
+    out = {}
+    for n, rec in enumerate(read_eval_jsonl(path), 1):
+        for key in ("iteration", "spin", "models"):
+            if key not in rec:
+                raise ValueError(f"{path}:{n}: no {key!r} key; eval.jsonl lines come from `spin-jax evaluate`")
+        out[int(rec["iteration"])] = rec
+    return dict(sorted(out.items()))
+
+
+def read_json(path: str):
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+
+def plot_training(info: dict, path: str) -> None:
+    """Per-update training metrics, one line per iteration, x = update within the iteration."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=DPI)
+    panels = [(k,) for k in TRAIN_KEYS] + [("logps/real", "logps/generated")]
+    for ax, keys in zip(axes.flat, panels):
+        for t, i in info.items():
+            if not i["metrics"]:
+                continue
+            steps = [m["step"] for m in i["metrics"]]
+            for key, style in zip(keys, ("-", "--")):
+                ax.plot(steps, [m.get(key, np.nan) for m in i["metrics"]], style, color=f"C{t % 10}",
+                        label=f"iter{t}" + (f" {key.split('/')[1]}" if len(keys) > 1 else ""))
+        ax.set_title(" / ".join(keys) + (" (solid / dashed)" if len(keys) > 1 else ""), fontsize=10)
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    axes.flat[-1].legend(fontsize=7)
+    fig.suptitle("SPIN training curves (per update, one line per iteration)")
+    _save(fig, path)
+
+
+def plot_heldout(evals: dict[int, dict], path: str) -> None:
+    """Held-out SPIN metrics across iterations, and per-model log-probs and sample lengths."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=DPI)
+    its = list(evals)
+    spin = lambda key: [evals[t]["spin"][key] for t in its]  # noqa: E731
+    ax = axes[0, 0]
+    ax.plot(its, spin("rewards/real"), "o-", label="real")
+    ax.plot(its, spin("rewards/generated"), "s--", label="generated")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_title("held-out rewards θ(t+1) vs θt", fontsize=10)
+    ax.legend(fontsize=8)
+    for ax, key in ((axes[0, 1], "rewards/margins"), (axes[0, 2], "rewards/accuracies")):
+        ax.plot(its, spin(key), "o-", color="C2")
+        ax.set_title(f"held-out {key}", fontsize=10)
+    axes[0, 2].set_ylim(-0.05, 1.05)
+    for ax in axes[0]:
+        ax.set_xlabel("iteration t")
+        ax.set_xticks(its)
+    models = model_table(evals)
+    labels = list(models)
+    x = np.arange(len(labels))
+    col = lambda key: [models[m][key] for m in labels]  # noqa: E731
+    axes[1, 0].plot(x, col("logp_per_token"), "o-", color="C3")
+    axes[1, 0].set_title("held-out real responses: log-prob per token", fontsize=10)
+    axes[1, 1].plot(x, col("gen_len_mean"), "o-", label="mean")
+    axes[1, 1].plot(x, col("gen_len_median"), "s--", label="median")
+    axes[1, 1].plot(x, col("gen_len_max"), "^:", label="max")
+    axes[1, 1].set_title("generated length (tokens)", fontsize=10)
+    axes[1, 1].legend(fontsize=8)
+    axes[1, 2].bar(x, col("eos_share"), color="C4")
+    axes[1, 2].set_ylim(0, 1.05)
+    axes[1, 2].set_title("share of samples ended by end-of-turn", fontsize=10)
+    for ax in axes[1]:
+        ax.set_xticks(x, labels)
+        ax.set_xlabel("model (base = θ0, iter<k> = θ(k+1))")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle("SPIN held-out evaluation")
+    _save(fig, path)
+
+
+def model_table(evals: dict[int, dict]) -> dict[str, dict]:
+    """Per-model held-out stats, each from the newest evaluation that includes the model."""
+    out = {}
+    for t in sorted(evals):
+        out.update(evals[t]["models"])
+    return dict(sorted(out.items(), key=lambda kv: -1 if kv[0] == "base" else int(kv[0][4:])))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=DPI)  # no bbox_inches="tight": the size stays FIGSIZE x DPI
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+
+
+def render_markdown(run_dir: str, info: dict, evals: dict, figures: list[str]) -> str:
+    its = list(info)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out = [f"# SPIN run report: `{os.path.basename(os.path.normpath(run_dir))}`", "",
+           f"Run directory `{run_dir}`, {len(its)} iteration(s); generated {now} by `spin-jax report`.", "",
+           "Iteration t trains θ(t+1) from θt against θt (the opponent) on real vs θt-sampled responses. "
+           "The paper's trend: the real reward rises, the generated reward falls, the margin grows.", ""]
+    out += ["## Training", ""]
+    if TRAIN_PNG in figures:
+        out += [f"![training curves]({TRAIN_PNG})", ""]
+    else:
+        out += ["No metrics.jsonl yet: run `make train ITER=0`.", ""]
+    rows = []
+    for t in its:
+        f, l, note = quarters(info[t])
+        rows.append([f"iter{t}{note}"] + [f"{f[k]:.4f} → {l[k]:.4f}" if k in f and k in l else "—"
+                                          for k in TRAIN_KEYS])
+    out += ["Mean over the first → last 25% of updates (summary.json; metrics.jsonl while a run is unfinished):",
+            "", table(["iteration", *TRAIN_KEYS], rows), ""]
+
+    out += ["## Held-out evaluation", ""]
+    if evals:
+        out += [f"![held-out metrics]({HELDOUT_PNG})", ""]
+        rows = []
+        for t, e in evals.items():
+            s = e["spin"]
+            rows.append([f"iter{t} (θ{t + 1} vs θ{t})", e.get("num_prompts", "—"),
+                         *(f"{s[k]:.4f}" if k in s else "—" for k in TRAIN_KEYS), e.get("time", "—")])
+        out += [table(["iteration", "prompts", *TRAIN_KEYS, "evaluated"], rows), ""]
+        rows = [[label, f"{m['logp_per_token']:.4f}", f"{m['gen_len_mean']:.1f}", f"{m['gen_len_median']:.1f}",
+                 m["gen_len_max"], f"{m['eos_share']:.2f}", f"`{m.get('path', '')}`"]
+                for label, m in model_table(evals).items()]
+        out += ["Per model (held-out real responses' mean log-prob per token; its own samples' lengths):", "",
+                table(["model", "logp/token", "len mean", "len median", "len max", "ended by EOS", "path"],
+                      rows), ""]
+        latest = evals[max(evals)]
+        es = latest.get("settings", {})
+        out += [f"Held-out prompts: `{es.get('eval_split', '?')}` of `{es.get('data', '?')}`, "
+                f"{latest.get('num_prompts')} prompts (ids sha256 `{latest.get('prompt_ids_sha256', '?')}`), "
+                f"sampling {json.dumps(es.get('sampling', {}))}.", ""]
+        out += samples_section(latest.get("samples"))
+    else:
+        out += ["No eval.jsonl yet: run `make evaluate ITER=t` for a trained iteration t.", ""]
+
+    out += ["## Data and wall times", ""]
+    rows = []
+    for t in its:
+        i, s = info[t], info[t]["summary"] or {}
+        rows.append([f"iter{t}", f"`{i['digest']}`" if i["digest"] else "no store",
+                     f"{i['rows']}/{i['expected']}" if i["rows"] is not None else "—",
+                     s.get("steps", "—"), s.get("skipped_updates", "—"), _secs(s.get("train_seconds")),
+                     _secs(s.get("wall_seconds")), _secs(evals.get(t, {}).get("wall_seconds")),
+                     "yes" if i["trained"] else "no (unfinished)"])
+    out += [table(["iteration", "synthetic store digest (sha256)", "rows/expected", "updates", "skipped",
+                   "train", "total", "evaluate", "model"], rows), ""]
+
+    out += ["## Settings", "", "Each iteration's recorded config (iter<t>/config.json).", ""]
+    flat = {t: flatten(info[t]["config"] or {}) for t in its}
+    keys = sorted({k for f in flat.values() for k in f} - {"iteration"})
+    if keys:
+        rows = [[f"`{k}`", *(flat[t].get(k, "—") for t in its)] for k in keys]
+        out += [table(["setting", *(f"iter{t}" for t in its)], rows), ""]
+    else:
+        out += ["No iter<t>/config.json yet.", ""]
+    return "\n".join(out)
+
+
+def quarters(i: dict) -> tuple[dict, dict, str]:
+    """Means over the first and last 25% of updates: the summary's, else from metrics.jsonl."""
+    s = i["summary"] or {}
+    if "first_quarter" in s:
+        return s["first_quarter"], s.get("last_quarter", {}), ""
+    hist = i["metrics"]
+    if not hist:
+        return {}, {}, ""
+    k = max(1, len(hist) // 4)
+    mean = lambda part: {key: float(np.mean([h[key] for h in part])) for key in TRAIN_KEYS  # noqa: E731
+                         if all(key in h for h in part)}
+    return mean(hist[:k]), mean(hist[-k:]), f" (unfinished, {len(hist)} updates so far)"
+
+
+def samples_section(path: str | None, n_prompts: int = 2, max_chars: int = 400) -> list[str]:
+    """The first prompts of the newest eval_samples.jsonl, with each model's response."""
+    if not path or not os.path.exists(path):
+        return []
+    out = [f"Sample responses (first {n_prompts} held-out prompts of `{path}`, cut at {max_chars} characters):", ""]
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f):
+            if k == n_prompts:
+                break
+            row = json.loads(line)
+            out += [f"**Prompt {k + 1}** (`{row['id']}`):", "", _block(row["prompt"], max_chars),
+                    "", "*real:*", "", _block(row["real"], max_chars), ""]
+            for label, r in row["responses"].items():
+                out += [f"*{label}* ({r['n_tokens']} tokens, {r['finish_reason']}):", "",
+                        _block(r["text"], max_chars), ""]
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def table(header: list, rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, (list, tuple)):
+        v = ", ".join(map(str, v))
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _block(text: str, max_chars: int) -> str:
+    text = text if len(text) <= max_chars else text[:max_chars] + " …"
+    return "\n".join("    " + line for line in (text or "(empty)").replace("\t", "  ").splitlines() or [""])
+
+
+def _secs(s) -> str:
+    return "—" if s is None else f"{s:.0f}s"

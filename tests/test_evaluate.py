@@ -1,0 +1,181 @@
+"""`evaluate`, `report` and `export` end to end, through the CLI, on a tiny random model trained for
+two SPIN iterations: held-out metrics land in eval.jsonl, the report renders its PNGs, and the
+exported trained iteration gives transformers' PyTorch model our logits."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from spin_jax.data.store import SyntheticStore
+from spin_jax.io import hf
+from spin_jax.io.load import load_tokenizer
+from spin_jax.model import llama
+from spin_jax.model.config import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/tiny_test.yaml"  # beta 0.1, 4 held-out prompts, max_new_tokens 8
+SPIN_KEYS = {"loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
+             "logps/real", "logps/generated"}
+MODEL_KEYS = {"path", "logp_per_token", "logp_sum_mean", "gen_len_mean", "gen_len_median", "gen_len_max",
+              "eos_share"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Two SPIN iterations of a random 2-layer Llama (SmolLM2's tokenizer), then `evaluate` of both
+    iterations (run side by side, as two users might)."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    tok = load_tokenizer("smollm2-135m-instruct")
+    cfg = tiny_config("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_heads=2,
+                      num_kv_heads=1, tie_embeddings=True)
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(0)))
+    model = str(tmp / "model")
+    hf.export_hf_dir(params, cfg, model, tok)
+    sets = ["--set", f"model.name={model}", "--set", f"data.data_dir={tmp / 'tfds'}",
+            "--set", f"runs_dir={tmp / 'runs'}", "--set", "run_name=r"]
+    fast = ["--set", "train.epochs=1", "--set", "train.checkpoint_every=1000"]  # 2 + 4 updates, one checkpoint each
+    run_ok(["spin", "--config", CONFIG, "--iters", "2", *sets, *fast])
+    procs = [cli(["evaluate", "--config", CONFIG, "--iter", str(t), *sets]) for t in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+    return {"base": model, "sets": sets, "run_dir": str(tmp / "runs" / "r"), "tmp": tmp}
+
+
+def test_evaluate_appends_finite_heldout_metrics_for_every_model(run):
+    records = sorted(read_jsonl(os.path.join(run["run_dir"], "eval.jsonl")), key=lambda r: r["iteration"])
+    assert [r["iteration"] for r in records] == [0, 1]
+    for rec in records:
+        t = rec["iteration"]
+        assert {"time", "wall_seconds", "settings", "spin", "models", "num_prompts", "model", "opponent"} <= set(rec)
+        assert rec["num_prompts"] == 4 and rec["settings"]["eval_split"] == "train[95%:]"
+        assert rec["settings"]["sampling"]["max_new_tokens"] == 8 and "seed" in rec["settings"]["sampling"]
+        assert set(rec["spin"]) == SPIN_KEYS
+        assert all(math.isfinite(v) for v in rec["spin"].values()), rec["spin"]
+        assert 0.0 <= rec["spin"]["rewards/accuracies"] <= 1.0
+        assert list(rec["models"]) == ["base"] + [f"iter{k}" for k in range(t + 1)]
+        for label, m in rec["models"].items():
+            assert set(m) == MODEL_KEYS, label
+            assert all(math.isfinite(m[k]) for k in MODEL_KEYS - {"path"}), (label, m)
+            assert m["logp_per_token"] < 0 and 0 <= m["eos_share"] <= 1
+            assert m["gen_len_median"] <= m["gen_len_max"] <= 8
+        # Two code paths agree: the SPIN pairs (scored as training scores them) and the per-model
+        # real-response scores. With prompts <= 48 tokens and samples <= 9, a sample never changes
+        # the truncation of a 64-token pair, so the real sides hold the same tokens.
+        pol, opp = rec["models"][f"iter{t}"], rec["models"]["base" if t == 0 else f"iter{t - 1}"]
+        assert rec["spin"]["logps/real"] == pytest.approx(pol["logp_sum_mean"], rel=1e-5)
+        assert rec["spin"]["rewards/real"] == pytest.approx(
+            0.1 * (pol["logp_sum_mean"] - opp["logp_sum_mean"]), rel=1e-3, abs=1e-4)
+    # the base model's samples are the same in both evaluations (one fixed seed)
+    s0, s1 = (read_jsonl(os.path.join(run["run_dir"], f"iter{t}", "eval_samples.jsonl")) for t in (0, 1))
+    assert len(s1) == 4 and all(set(r["responses"]) == {"base", "iter0", "iter1"} for r in s1)
+    assert [r["responses"]["base"]["text"] for r in s0] == [r["responses"]["base"]["text"] for r in s1]
+    # held out: no evaluation prompt was a training prompt
+    trained = set(SyntheticStore(os.path.join(run["run_dir"], "iter0", "synthetic")).expected_ids())
+    assert trained and not trained & {r["id"] for r in s1}
+
+
+def test_evaluate_of_an_untrained_iteration_names_the_train_command(run):
+    p = cli(["evaluate", "--config", CONFIG, "--iter", "2", *run["sets"]])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 1 and "make train ITER=2" in out, out
+
+
+def test_report_renders_markdown_and_pngs_of_the_expected_size(run):
+    import matplotlib.image as mpimg
+
+    out_dir = str(run["tmp"] / "report")
+    p = cli(["report", "--run", run["run_dir"], "--out", out_dir], progress_flag=False)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    md = open(os.path.join(out_dir, "report.md"), encoding="utf-8").read()
+    for png in ("train_curves.png", "heldout.png"):
+        assert f"]({png})" in md  # relative link: the directory reads offline
+        path = os.path.join(out_dir, png)
+        assert os.path.getsize(path) > 10_000
+        img = mpimg.imread(path)
+        assert img.shape[:2] == (700, 1200), (png, img.shape)
+        assert img[..., :3].std() > 0.05  # not a blank canvas
+    for t in (0, 1):  # data hashes, settings, wall times
+        assert SyntheticStore(os.path.join(run["run_dir"], f"iter{t}", "synthetic")).digest() in md
+    assert "`train.beta`" in md and "`data.eval_split`" in md
+    assert "| iter1 (θ2 vs θ1) | 4 |" in md
+
+
+def test_export_of_a_trained_iteration_gives_transformers_our_logits(run):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out_dir = str(run["tmp"] / "export")
+    p = cli(["export", "--config", CONFIG, "--iter", "1", "--out", out_dir, *run["sets"]], progress_flag=False)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    trained = os.path.join(run["run_dir"], "iter1", "model")
+    base = load_file(os.path.join(run["base"], "model.safetensors"))
+    it1 = load_file(os.path.join(trained, "model.safetensors"))
+    assert any(not np.array_equal(base[k], it1[k]) for k in base)  # really a trained iteration
+    cfg, params = hf.read_hf_dir(trained)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 12))
+    ours, _ = llama.forward(params, cfg, tokens)
+    m = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = m(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(ours, np.float64)
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+    card = open(os.path.join(out_dir, "README.md")).read()
+    assert f"`{run['base']}`" in card and "iteration 1" in card and "`sharegpt`" in card and "beta 0.1" in card
+    assert "lm_eval --model hf" in card
+    p = cli(["export", "--config", CONFIG, "--iter", "1", "--out", out_dir, *run["sets"]], progress_flag=False)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 1 and "not empty" in out, out  # never overwrites
+    from spin_jax.config import load_config
+    from spin_jax.evaluate import export_iteration
+
+    cfg = load_config(CONFIG, [a for a in run["sets"] if a != "--set"])
+    half = export_iteration(cfg, 1, str(run["tmp"] / "export_bf16"), dtype="bfloat16")
+    assert json.load(open(os.path.join(half, "config.json")))["dtype"] == "bfloat16"
+    size = lambda d: os.path.getsize(os.path.join(d, "model.safetensors"))  # noqa: E731
+    assert size(half) < 0.6 * size(out_dir)
+
+
+def test_report_keeps_a_resumed_steps_last_values_and_refuses_a_run_without_iterations(tmp_path):
+    from spin_jax import report
+
+    with pytest.raises(FileNotFoundError, match="make train ITER=0"):
+        report.write_report(str(tmp_path))
+    it0 = tmp_path / "iter0"
+    it0.mkdir()
+    rows = [dict(step=s, loss=v, **{k: 0.0 for k in report.TRAIN_KEYS[1:]}) for s, v in
+            [(1, 0.7), (2, 0.9), (2, 0.6), (3, 0.5)]]  # step 2 redone after a resume
+    (it0 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    assert [m["loss"] for m in report.read_metrics(str(it0 / "metrics.jsonl"))] == [0.7, 0.6, 0.5]
+    md = open(report.write_report(str(tmp_path)), encoding="utf-8").read()
+    assert "(unfinished, 3 updates so far)" in md and "No eval.jsonl yet" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def cli(args, progress_flag=True):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", "spin_jax", *args, *(["--no-progress"] if progress_flag else [])],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_ok(args):
+    p = cli(args)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return out
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
