@@ -30,8 +30,8 @@ from spin_jax.model.config import ModelConfig
 
 class KVCache(NamedTuple):
     """Decode cache. Slots are absolute indices into a fixed-size buffer shared by the batch."""
-    k: jax.Array  # [L, B, S, K, E]
-    v: jax.Array  # [L, B, S, K, E]
+    k: jax.Array  # [L, B, K, S, E] (heads before slots: decode attention needs no transpose)
+    v: jax.Array  # [L, B, K, S, E]
     pos: jax.Array  # [B, S] int32 position id of the token in each slot
     valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
     index: jax.Array  # [] int32: next slot to write
@@ -81,19 +81,19 @@ def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
         lp, i = xs
         lp = jax.tree.map(lambda a: a.astype(dtype), lp)
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q = jnp.einsum("btd,dhe->bthe", h, lp["wq"])
-        k = jnp.einsum("btd,dke->btke", h, lp["wk"])
-        v = jnp.einsum("btd,dke->btke", h, lp["wv"])
+        q = jnp.einsum("btd,dhe->bhte", h, lp["wq"])  # heads-major: [B, H, T, E]
+        k = jnp.einsum("btd,dke->bkte", h, lp["wk"])
+        v = jnp.einsum("btd,dke->bkte", h, lp["wv"])
         if cfg.attention_bias:
-            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+            q, k, v = q + lp["bq"][:, None], k + lp["bk"][:, None], v + lp["bv"][:, None]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ck is not None:
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, cache.index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, cache.index, 0, 0))
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, cache.index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, cache.index, 0))
             k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dtype)
             v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dtype)
-        attn = attention(q, k, v, mask)  # [B, T, H, E]
-        x = x + jnp.einsum("bthe,hed->btd", attn, lp["wo"])
+        attn = attention(q, k, v, mask)  # [B, H, T, E]
+        x = x + jnp.einsum("bhte,hed->btd", attn, lp["wo"])
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
         gate = jnp.einsum("btd,df->btf", h, lp["w_gate"])
         up = jnp.einsum("btd,df->btf", h, lp["w_up"])
@@ -125,14 +125,14 @@ def output_embedding(params, cfg: ModelConfig):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    pos=jnp.zeros((batch, length), jnp.int32),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
 
-CACHE_AXES = KVCache(k=("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-                     v=("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+CACHE_AXES = KVCache(k=("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+                     v=("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
                      pos=("batch", "cache_seq"), valid=("batch", "cache_seq"), index=())
 
 
@@ -233,10 +233,10 @@ def rope_tables(cfg: ModelConfig, positions):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, N, E]; rotate pairs (i, i + E/2)."""
+    """x [B, N, T, E] (heads-major); rotate pairs (i, i + E/2)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rot = jnp.concatenate([-x2, x1], axis=-1)
-    out = x.astype(jnp.float32) * cos[:, :, None, :] + rot * sin[:, :, None, :]
+    out = x.astype(jnp.float32) * cos[:, None] + rot * sin[:, None]
     return out.astype(x.dtype)
 
 
@@ -249,16 +249,19 @@ def attention_mask(cfg: ModelConfig, q_slot, q_pos, k_slot, k_pos, k_valid):
 
 
 def attention(q, k, v, mask):
-    """Grouped-query attention. q [B,T,H,E], k/v [B,S,K,E], mask [B,T,S] -> [B,T,H,E]."""
-    b, t, h, e = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, h // kh, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(e).astype(np.float32)
+    """Grouped-query attention. q [B,H,T,E], k/v [B,K,S,E], mask [B,T,S] -> [B,H,T,E].
+
+    Heads-major layouts keep (batch, kv head) as the leading batch dimensions of both matmuls,
+    so reading the KV cache needs no transpose."""
+    b, h, t, e = q.shape
+    kh = k.shape[1]
+    q = q.reshape(b, kh, (h // kh) * t, e)  # query rows of a kv head's group side by side
+    scores = jnp.einsum("bkqe,bkse->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kh, h // kh, t, -1) / np.sqrt(e).astype(np.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v)
-    return out.reshape(b, t, h, e)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, (h // kh) * t, -1)
+    out = jnp.einsum("bkqs,bkse->bkqe", probs, v)
+    return out.reshape(b, h, t, e)
 
 
 def _remat(fn, policy: str):
