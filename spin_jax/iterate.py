@@ -231,7 +231,7 @@ def train_iteration(cfg: Config, t: int, progress: bool = True, stop_after=None)
         hf.export_hf_dir(final, model.cfg, os.path.join(out_dir, "model.tmp"), model.tokenizer,
                          dtype=model.cfg.param_dtype, extra_files={"README.md": card})
         os.replace(os.path.join(out_dir, "model.tmp"), os.path.join(out_dir, "model"))
-        summary = summarize(summary, time.time() - t_start, t)
+        summary = summarize(summary, time.time() - t_start, t, os.path.join(out_dir, "metrics.jsonl"))
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(format_summary(summary))
@@ -303,8 +303,19 @@ SUMMARY_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", 
                 "logps/real", "logps/generated")
 
 
-def summarize(summary: dict, wall: float, t: int) -> dict:
-    hist = summary.pop("history")
+def summarize(summary: dict, wall: float, t: int, metrics_path: str) -> dict:
+    """First/last-quarter means over every update of the iteration: read from metrics.jsonl, so a
+    resumed run is summarised whole (an update logged twice across a restart counts once)."""
+    summary.pop("history")
+    by_step = {}
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+            by_step[row["step"]] = row
+    hist = [by_step[k] for k in sorted(by_step)]
     k = max(1, len(hist) // 4)
     first = {key: float(np.mean([h[key] for h in hist[:k]])) for key in SUMMARY_KEYS} if hist else {}
     last = {key: float(np.mean([h[key] for h in hist[-k:]])) for key in SUMMARY_KEYS} if hist else {}

@@ -122,9 +122,27 @@ def choose(logits, key, sp: SamplingParams):
     if sp.greedy:
         tok = jnp.argmax(logits, axis=-1)
     else:
-        tok = jax.random.categorical(key, masked_logits(logits, sp), axis=-1)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
+        tok = categorical(key, masked_logits(logits, sp))
+    logp = jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1)
     return tok.astype(jnp.int32), logp
+
+
+def categorical(key, logits, block: int = 256):
+    """One draw per row from softmax(logits) [B, V] by inverse CDF in two levels (a block of
+    `block` tokens, then a token in it): two uniforms per row instead of jax.random.categorical's
+    B x V Gumbel noise, which dominates a decode step on CPU at large vocabularies."""
+    b, v = logits.shape
+    nb = -(-v // block)
+    w = jnp.exp(logits - logits.max(-1, keepdims=True))  # unnormalised probabilities
+    w = jnp.pad(w, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    u = jax.random.uniform(key, (2, b, 1), jnp.float32)
+    block_cdf = jnp.cumsum(w.sum(-1), axis=-1)  # [B, nb]
+    bi = jnp.minimum(jnp.sum(block_cdf <= u[0] * block_cdf[:, -1:], axis=-1), nb - 1)
+    in_block = jnp.take_along_axis(w, bi[:, None, None], axis=1)[:, 0]  # [B, block]
+    cdf = jnp.cumsum(in_block, axis=-1)
+    wi = jnp.minimum(jnp.sum(cdf <= u[1] * cdf[:, -1:], axis=-1), block - 1)
+    # an empty block cannot be drawn (its cdf step is 0), so `wi` lands on a token of mass > 0
+    return (bi * block + wi).astype(jnp.int32)
 
 
 def masked_logits(logits, sp: SamplingParams):

@@ -120,3 +120,26 @@ def test_few_programs_for_many_prompt_lengths(tiny):
     sampler = Sampler(cfg, batch_size=32)
     sampler.generate(sampler.place(params), prompts, SamplingParams(max_new_tokens=2, greedy=True))
     assert len(sampler.compiled_programs) <= 5  # power-of-two buckets 16..256
+
+
+def test_two_level_categorical_matches_softmax_over_many_blocks():
+    """V = 700 spans 3 blocks of 256 (the last padded); masked tokens leave blocks empty."""
+    from scipy import stats
+
+    from spin_jax.sampling import categorical
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, size=700).astype(np.float32)
+    logits[256:512] = jnp.finfo(jnp.float32).min  # a whole empty block
+    logits[600:] = jnp.finfo(jnp.float32).min
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    probs /= probs.sum()
+    draws = jax.jit(lambda k: categorical(k, jnp.broadcast_to(jnp.asarray(logits), (20000, 700))))(
+        jax.random.key(0))
+    counts = np.bincount(np.asarray(draws), minlength=700)
+    assert counts[probs == 0].sum() == 0
+    top = np.argsort(-probs)[:40]  # the 40 likeliest tokens, the rest pooled
+    rest = np.setdiff1d(np.nonzero(probs)[0], top)
+    obs = np.append(counts[top], counts[rest].sum())
+    exp = np.append(probs[top], probs[rest].sum()) * counts.sum()
+    assert stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
