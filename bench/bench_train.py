@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--response-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--vocab-chunk", type=int, default=0)
+    ap.add_argument("--remat", default="full", choices=("none", "full", "dots"),
+                    help="spin_jax's remat policy (full: fastest and smallest on CPU)")
     ap.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -47,7 +49,9 @@ def main() -> None:
           f"= {tokens} tokens per step, fp32, {args.steps} timed steps after a warm-up")
     results = {}
     for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--only", v] + [a for a in sys.argv[1:] if a != "--json"]
+        cmd = [sys.executable, __file__, "--only", v, "--model", args.model, "--pairs", str(args.pairs),
+               "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
+               "--steps", str(args.steps), "--vocab-chunk", str(args.vocab_chunk), "--remat", args.remat]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -86,7 +90,7 @@ def run_jax(args, mode: str) -> dict:
     from spin_jax.config import TrainSection
     from spin_jax.io.load import load_model
 
-    m = load_model(args.model)
+    m = load_model(args.model, remat=args.remat)
     tcfg = TrainSection(opponent_logps=mode, vocab_chunk=args.vocab_chunk, learning_rate=5e-7)
     mesh = sharding.make_mesh()
     tx, _ = train.make_optimizer(tcfg, 1000, 5e-7)
