@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 
 from spin_jax import sharding
-from spin_jax.data.tokenize import bucket
+from spin_jax.data.tokenize import bucket, pack
 from spin_jax.model import llama
 from spin_jax.model.config import ModelConfig
 
@@ -201,11 +201,8 @@ class Sampler:
             raise ValueError(f"a prompt has {longest} tokens, over max_prompt_len={self.max_prompt_len}")
         plen = bucket(longest, self.min_bucket)
         rows = list(prompts) + [prompts[0]] * (self.batch_size - n_real)
-        tokens = np.full((self.batch_size, plen), self.pad_id, np.int32)
-        valid = np.zeros((self.batch_size, plen), bool)
-        for i, p in enumerate(rows):
-            tokens[i, plen - len(p):] = p
-            valid[i, plen - len(p):] = True
+        packed = pack(rows, [[] for _ in rows], plen, 0, self.pad_id)  # left-padded prompts only
+        tokens, valid = packed["tokens"], packed["valid"]
         key = (plen, sp)
         cache = self._caches.pop(key, None)
         if cache is None:
