@@ -110,7 +110,7 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
         left = sum(len(c_ids) for _, c_ids in pending)
         log(f"iteration {t}: sampling {left} of {len(ids)} prompts with {opponent_spec(cfg, t)} "
             f"(max_new_tokens={s.max_new_tokens}, T={s.temperature}, top_p={s.top_p})")
-        update, bar = progress_bar(left, desc=f"generate iter{t}")
+        update, bar = progress_bar(left, desc=f"generate iter{t}", disable=not progress or jax.process_index() != 0)
         for chunk, chunk_ids in pending:
             prompts = [tokenize.prompt_ids(tok, by_id[i]["prompt"]) for i in chunk_ids]
             seed = int.from_bytes(hashlib.sha256(f"{s.seed}/{t}/{chunk}".encode()).digest()[:4], "little")

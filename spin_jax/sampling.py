@@ -236,11 +236,11 @@ class Sampler:
                        out_shardings=(row, row, vec, vec, cache_sh), donate_argnums=(1,))
 
 
-def progress_bar(total_rows: int, desc: str = "sample"):
+def progress_bar(total_rows: int, desc: str = "sample", disable: bool = False):
     """A tqdm bar over rows that shows generated tokens/s; returns (callback, bar)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total_rows, desc=desc, unit="row")
+    bar = tqdm(total=total_rows, desc=desc, unit="row", disable=disable)
     t0, count = time.perf_counter(), [0]
 
     def update(rows: int, tokens: int):
