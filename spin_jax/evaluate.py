@@ -218,17 +218,10 @@ class Programs:
               desc: str) -> np.ndarray:
         """Summed log-probs [N] of each response given its prompt (scoring.batch_logps over
         tokenize.pack batches, prompt and response buckets per batch, as training packs them)."""
-        from tqdm import tqdm
+        from spin_jax import scoring, sharding
 
-        b, out = self.rows, []
-        for start in tqdm(range(0, len(prompts), b), desc=desc, unit="batch", disable=not progress):
-            p, r = prompts[start:start + b], responses[start:start + b]
-            n = len(p)
-            p, r = p + [p[0]] * (b - n), r + [r[0]] * (b - n)  # fixed batch shape
-            packed = tokenize.pack(p, r, tokenize.bucket(max(map(len, p))), tokenize.bucket(max(map(len, r))),
-                                   self.pad_id)
-            out.extend(np.asarray(self.score_fn(params, packed))[:n].tolist())
-        return np.asarray(out, np.float64)
+        return scoring.logps_in_batches(self.score_fn, params, prompts, responses, self.rows, self.pad_id,
+                                        sharding.batch_sharding(self.mesh, 2, self.rows), progress, desc)
 
 
 def sample(progs: Programs, params, tok, rows: list[dict], sp, seed: int, progress: bool, desc: str) -> list[dict]:

@@ -96,7 +96,8 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
     rows = prompt_rows(cfg, cfg.data.train_split, cfg.data.num_prompts, tok)
     by_id = {r["id"]: r for r in rows}
     ids = [r["id"] for r in rows]
-    store.set_expected(ids) if jax.process_index() == 0 else None
+    if jax.process_index() == 0:
+        store.set_expected(ids)
     pending = store_lib.pending_chunks(ids, cfg.sampling.chunk_size, store.done_ids(),
                                        jax.process_index(), jax.process_count())
     mesh = make_local_mesh(cfg)
@@ -146,30 +147,18 @@ def own_rows_without_logps(store) -> list[dict]:
 def opponent_logps(cfg: Config, model, rows: list[dict], mesh, progress: bool = True) -> list[tuple]:
     """(logp real, logp generated) under `model` for each row, encoded exactly as training encodes
     them (same template and truncation), so stored values equal the in-step computation."""
-    from tqdm import tqdm
-
-    from spin_jax import train
+    from spin_jax import scoring, train
 
     d = cfg.data
     encoded = ex.encode_rows(model.tokenizer, rows, d.max_length, d.max_prompt_length, source="store")
-    batch_pairs = cfg.sampling.batch_size
-    fn = train.opponent_logps_fn(model.cfg, mesh, cfg.train.vocab_chunk, 2 * batch_pairs)
+    batch_rows = 2 * cfg.sampling.batch_size
+    fn = train.opponent_logps_fn(model.cfg, mesh, cfg.train.vocab_chunk, batch_rows)
     params = sharding.shard_params(model.params, model.cfg, mesh)[0]
-    rows_sharding = sharding.batch_sharding(mesh, 2, 2 * batch_pairs)
-    out = []
-    for start in tqdm(range(0, len(encoded), batch_pairs), desc="opponent log-probs", unit="batch",
-                      disable=not progress):
-        chunk = encoded[start:start + batch_pairs]
-        chunk = chunk + [chunk[0]] * (batch_pairs - len(chunk))
-        prompts = [list(e.prompt) for e in chunk]
-        packed = tokenize.pack(prompts + prompts, [list(e.real) for e in chunk] + [list(e.generated) for e in chunk],
-                               tokenize.bucket(max(len(p) for p in prompts)),
-                               tokenize.bucket(max(max(len(e.real), len(e.generated)) for e in chunk)),
-                               model.tokenizer.pad_token_id or 0)
-        lp = np.asarray(fn(params, jax.device_put(packed, rows_sharding)))  # explicit for multi-process jit
-        n = min(batch_pairs, len(encoded) - start)
-        out.extend((float(lp[i]), float(lp[batch_pairs + i])) for i in range(n))
-    return out
+    prompts = [list(e.prompt) for e in encoded for _ in (0, 1)]  # real and generated side by side
+    responses = [list(x) for e in encoded for x in (e.real, e.generated)]
+    lp = scoring.logps_in_batches(fn, params, prompts, responses, batch_rows, model.tokenizer.pad_token_id or 0,
+                                  sharding.batch_sharding(mesh, 2, batch_rows), progress, desc="opponent log-probs")
+    return [(float(lp[2 * i]), float(lp[2 * i + 1])) for i in range(len(encoded))]
 
 
 # ----------------------------------------------------------------------------------------------

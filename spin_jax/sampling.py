@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -28,8 +28,6 @@ def batch_logps(params, cfg, batch, vocab_chunk: int = 0):
 def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2048,
                vocab_chunk: int = 0, mesh=None, progress: bool = True) -> Iterator[dict]:
     """Yield each row with "logp" and "n_tokens" added, in input order."""
-    from tqdm import tqdm
-
     from spin_jax import sharding
 
     mesh = mesh or sharding.make_mesh()
@@ -38,24 +36,34 @@ def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2
     fn = jax.jit(lambda p, b: batch_logps(p, model.cfg, b, vocab_chunk),
                  in_shardings=(param_sh, in_sh), out_shardings=sharding.batch_sharding(mesh, 1, batch_size))
     tok = model.tokenizer
-    bar = tqdm(total=len(rows), desc="score", unit="row", disable=not progress)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        prompts = [tokenize.prompt_ids(tok, r["prompt"]) for r in chunk]
-        responses = [tokenize.response_ids(tok, r["response"]) for r in chunk]
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            if len(p) + len(r) > max_length:
-                raise ValueError(f"row {start + i}: prompt + response is {len(p) + len(r)} tokens, "
-                                 f"over --max-length {max_length}; raise it or shorten the row")
-        pad = batch_size - len(chunk)  # fixed batch shape: pad with copies of the first row
-        packed = tokenize.pack(prompts + [prompts[0]] * pad, responses + [responses[0]] * pad,
-                               tokenize.bucket(max(map(len, prompts))),
-                               tokenize.bucket(max(map(len, responses))), tok.pad_token_id or 0)
-        logps = np.asarray(fn(params, packed))
-        for i, row in enumerate(chunk):
-            yield {**row, "logp": float(logps[i]), "n_tokens": len(responses[i])}
-        bar.update(len(chunk))
-    bar.close()
+    prompts = [tokenize.prompt_ids(tok, r["prompt"]) for r in rows]
+    responses = [tokenize.response_ids(tok, r["response"]) for r in rows]
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if len(p) + len(r) > max_length:
+            raise ValueError(f"row {i}: prompt + response is {len(p) + len(r)} tokens, "
+                             f"over --max-length {max_length}; raise it or shorten the row")
+    logps = logps_in_batches(fn, params, prompts, responses, batch_size, tok.pad_token_id or 0, in_sh,
+                             progress, desc="score")
+    for row, lp, r in zip(rows, logps, responses):
+        yield {**row, "logp": float(lp), "n_tokens": len(r)}
+
+
+def logps_in_batches(fn, params, prompts: list[list[int]], responses: list[list[int]], rows: int,
+                     pad_id: int, in_sharding, progress: bool = True, desc: str = "score") -> np.ndarray:
+    """fn(params, packed) [rows] for each (prompt, response), `rows` at a time: the last batch is
+    padded with copies of its first pair (fixed shape), prompt and response lengths bucketed per
+    batch as training packs them. Returns float64 [N] in input order."""
+    from tqdm import tqdm
+
+    out = []
+    for start in tqdm(range(0, len(prompts), rows), desc=desc, unit="batch", disable=not progress):
+        p, r = prompts[start:start + rows], responses[start:start + rows]
+        n = len(p)
+        p, r = p + [p[0]] * (rows - n), r + [r[0]] * (rows - n)
+        packed = tokenize.pack(p, r, tokenize.bucket(max(map(len, p))), tokenize.bucket(max(map(len, r))), pad_id)
+        # placed explicitly: with several processes, jit refuses sharded numpy inputs
+        out.extend(np.asarray(fn(params, jax.device_put(packed, in_sharding)))[:n].tolist())
+    return np.asarray(out, np.float64)
 
 
 def read_jsonl(path: str, required: Iterable[str]) -> list[dict]:

@@ -38,3 +38,22 @@ def smollm2_torch_tokenizer(smollm2):
 
     d, f = os.path.split(smollm2.source)
     return AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer, as an HF directory (driver and multi-host tests)."""
+    import numpy as np
+
+    from spin_jax.io import hf
+    from spin_jax.io.load import load_tokenizer
+    from spin_jax.model import llama
+    from spin_jax.model.config import tiny_config
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    cfg = tiny_config("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_heads=2,
+                      num_kv_heads=1, tie_embeddings=True)
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(0)))
+    out = str(tmp_path_factory.mktemp("tiny") / "model")
+    hf.export_hf_dir(params, cfg, out, tok)
+    return out

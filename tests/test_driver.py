@@ -9,30 +9,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from spin_jax.config import load_config
-from spin_jax.io import hf
-from spin_jax.io.load import load_tokenizer
-from spin_jax.model import llama
-from spin_jax.model.config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random 2-layer Llama with SmolLM2's tokenizer, as an HF directory."""
-    tok = load_tokenizer("smollm2-135m-instruct")
-    cfg = tiny_config("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_heads=2,
-                      num_kv_heads=1, tie_embeddings=True)
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(0)))
-    out = str(tmp_path_factory.mktemp("tiny") / "model")
-    hf.export_hf_dir(params, cfg, out, tok)
-    return out
 
 
 @pytest.fixture(scope="module")

