@@ -47,6 +47,7 @@ class SamplingSection:
     top_k: int = 0
     greedy: bool = False
     batch_size: int = 16
+    decode_phases: int = 4  # decode loops with growing attention windows (each one more compiled step)
     chunk_size: int = 64  # prompts per store shard (the unit of resumption)
     seed: int = 0
 

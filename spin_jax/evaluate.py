@@ -208,7 +208,8 @@ class Programs:
 
         self.model_cfg, self.mesh, self.pad_id = model_cfg, mesh, pad_id
         self.rows = 2 * cfg.sampling.batch_size  # scoring batch: as many rows as a batch of pairs
-        self.sampler = Sampler(model_cfg, mesh, batch_size=cfg.sampling.batch_size, pad_id=pad_id)
+        self.sampler = Sampler(model_cfg, mesh, batch_size=cfg.sampling.batch_size, pad_id=pad_id,
+                               decode_phases=cfg.sampling.decode_phases)
         self.score_fn = train.opponent_logps_fn(model_cfg, mesh, cfg.train.vocab_chunk, self.rows)
 
     def place(self, params):

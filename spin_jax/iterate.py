@@ -105,7 +105,8 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
         s = cfg.sampling
         sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                             top_p=s.top_p, greedy=s.greedy, stop_ids=(tokenize.end_of_turn_id(tok),))
-        sampler = Sampler(model.cfg, mesh, batch_size=s.batch_size, pad_id=tok.pad_token_id or 0)
+        sampler = Sampler(model.cfg, mesh, batch_size=s.batch_size, pad_id=tok.pad_token_id or 0,
+                          decode_phases=s.decode_phases)
         params = sampler.place(model.params)
         mhash = model_hash(model.source)
         left = sum(len(c_ids) for _, c_ids in pending)

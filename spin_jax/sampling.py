@@ -71,9 +71,11 @@ class Sample:
 
 
 def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: llama.KVCache, prompt, valid, rng,
-                 pad_id: int = 0):
+                 pad_id: int = 0, phases: int = 4):
     """Sample up to sp.max_new_tokens for a left-padded batch. prompt/valid [B, P].
 
+    The decode loop runs in `phases` consecutive while loops, each attending to a static window of
+    the cache that just covers its steps (`decode_windows`), so early steps skip the empty slots.
     Returns (tokens [B, N], logps [B, N], lengths [B], done [B], cache).
     """
     b, p = prompt.shape
@@ -82,9 +84,9 @@ def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: llama.KVCa
     # Reuse the donated buffers; reset the bookkeeping (stale k/v past the index is masked causally).
     cache = llama.KVCache(cache.k, cache.v, jnp.zeros_like(cache.pos), jnp.zeros_like(cache.valid),
                           jnp.zeros((), jnp.int32))
-    logits, cache = llama.forward(params, cfg, prompt, positions, valid, cache=cache)
-    rng, key = jax.random.split(rng)
-    first, first_logp = choose(logits[:, -1], key, sp)
+    hidden, cache = llama.forward_hidden(params, cfg, prompt, positions, valid, cache=cache)
+    rng, key = jax.random.split(rng)  # logits of the last prompt position only (left padding)
+    first, first_logp = choose(llama.logits_from_hidden(params, cfg, hidden[:, -1]), key, sp)
     stop = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
     done = jnp.isin(first, stop)
     state = DecodeState(
@@ -94,13 +96,13 @@ def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: llama.KVCa
         cache=cache, rng=rng, step=jnp.ones((), jnp.int32))
     cache_len = cache.pos.shape[1]
 
-    def cond(s: DecodeState):
-        return (s.step < n) & ~jnp.all(s.done) & (s.cache.index < cache_len)
+    def cond(s: DecodeState, window: int):
+        return (s.step < n) & ~jnp.all(s.done) & (s.cache.index < window)
 
-    def body(s: DecodeState):
+    def body(s: DecodeState, window: int):
         # Rows already done feed an invalid slot: they no longer write to the cache or the output.
         logits, cache = llama.forward(params, cfg, s.last[:, None], s.pos[:, None], ~s.done[:, None],
-                                      cache=s.cache)
+                                      cache=s.cache, window=window)
         rng, key = jax.random.split(s.rng)
         tok, tok_logp = choose(logits[:, 0], key, sp)
         tok = jnp.where(s.done, pad_id, tok)
@@ -111,8 +113,18 @@ def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: llama.KVCa
             last=tok, pos=s.pos + 1, done=s.done | jnp.isin(tok, stop),
             lengths=s.lengths + (~s.done).astype(jnp.int32), cache=cache, rng=rng, step=s.step + 1)
 
-    s = jax.lax.while_loop(cond, body, state)
+    s = state
+    for w in decode_windows(p, cache_len, phases):
+        s = jax.lax.while_loop(functools.partial(cond, window=w), functools.partial(body, window=w), s)
     return s.tokens, s.logps, s.lengths, s.done, s.cache
+
+
+def decode_windows(prompt_len: int, cache_len: int, phases: int) -> list[int]:
+    """Static attention windows of the decode phases: slot counts growing from just past the prompt
+    to the whole cache in `phases` steps (multiples of 8), the last one always `cache_len`."""
+    span = cache_len - prompt_len
+    steps = [-(-span * j // phases) for j in range(1, phases + 1)]  # ceil(span * j / phases)
+    return sorted({min(cache_len, prompt_len + -(-c // 8) * 8) for c in steps} | {cache_len})
 
 
 def choose(logits, key, sp: SamplingParams):
@@ -166,8 +178,9 @@ class Sampler:
     """Compiled, sharded sampling for one model config on one mesh; one program per prompt bucket."""
 
     def __init__(self, cfg: ModelConfig, mesh=None, batch_size: int = 16, pad_id: int = 0,
-                 min_prompt_bucket: int = 16, max_prompt_len: Optional[int] = None):
+                 min_prompt_bucket: int = 16, max_prompt_len: Optional[int] = None, decode_phases: int = 4):
         self.cfg, self.batch_size, self.pad_id = cfg, batch_size, pad_id
+        self.decode_phases = decode_phases  # each phase is one more compiled copy of the decode step
         self.mesh = mesh or sharding.make_mesh()
         self.min_bucket, self.max_prompt_len = min_prompt_bucket, max_prompt_len
         shapes = llama.param_shapes(cfg)
@@ -229,7 +242,7 @@ class Sampler:
         cache_sh = llama.KVCache(*sharding.tree_shardings(
             tuple(llama.CACHE_AXES), tuple(jax.eval_shape(lambda: llama.init_cache(self.cfg, b, 16))),
             self.mesh))
-        fn = functools.partial(sample_batch, cfg=self.cfg, sp=sp, pad_id=self.pad_id)
+        fn = functools.partial(sample_batch, cfg=self.cfg, sp=sp, pad_id=self.pad_id, phases=self.decode_phases)
         return jax.jit(lambda p, c, t, v, r: fn(p, cache=c, prompt=t, valid=v, rng=r),
                        in_shardings=(self.param_sharding, cache_sh, row, row, sharding.replicated(self.mesh)),
                        out_shardings=(row, row, vec, vec, cache_sh), donate_argnums=(1,))

@@ -143,3 +143,25 @@ def test_two_level_categorical_matches_softmax_over_many_blocks():
     obs = np.append(counts[top], counts[rest].sum())
     exp = np.append(probs[top], probs[rest].sum()) * counts.sum()
     assert stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+
+
+def test_decode_phases_attend_to_growing_windows_with_the_same_result(tiny):
+    """Phased decoding (static attention windows growing to the whole cache) changes only speed."""
+    from spin_jax.sampling import decode_windows
+
+    assert decode_windows(64, 192, 4) == [96, 128, 160, 192]
+    assert decode_windows(64, 192, 1) == [192]
+    assert decode_windows(16, 19, 4) == [19]
+    for p, c, k in [(16, 100, 3), (32, 33, 8), (8, 520, 16)]:
+        ws = decode_windows(p, c, k)
+        assert ws[-1] == c and ws == sorted(set(ws)) and ws[0] > p and len(ws) <= k
+    cfg, params = tiny
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6], [9], [8, 8]]
+    sp = SamplingParams(max_new_tokens=40, stop_ids=(0,))
+    out = []
+    for phases in (1, 6):
+        sampler = Sampler(cfg, batch_size=4, min_prompt_bucket=8, decode_phases=phases)
+        out.append(sampler.generate(sampler.place(params), prompts, sp, seed=1))
+    assert [s.tokens for s in out[0]] == [s.tokens for s in out[1]]
+    assert max(len(s.tokens) for s in out[0]) > 16  # decoding went past the first window
+    np.testing.assert_allclose([s.logp for s in out[0]], [s.logp for s in out[1]], rtol=1e-5, atol=1e-5)

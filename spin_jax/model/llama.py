@@ -30,7 +30,7 @@ from spin_jax.model.config import ModelConfig
 
 class KVCache(NamedTuple):
     """Decode cache. Slots are absolute indices into a fixed-size buffer shared by the batch."""
-    k: jax.Array  # [L, B, K, S, E] (heads before slots: decode attention needs no transpose)
+    k: jax.Array  # [L, B, K, E, S] keys stored transposed: q·k is a plain [G, E] x [E, S] matmul
     v: jax.Array  # [L, B, K, S, E]
     pos: jax.Array  # [B, S] int32 position id of the token in each slot
     valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
@@ -42,20 +42,22 @@ class KVCache(NamedTuple):
 
 
 def forward(params, cfg: ModelConfig, tokens, positions=None, valid=None,
-            cache: Optional[KVCache] = None):
+            cache: Optional[KVCache] = None, window: Optional[int] = None):
     """Logits for `tokens` [B, T] (and the updated cache when one is given).
 
     positions: [B, T] int32 RoPE positions (default 0..T-1); valid: [B, T] bool, False on padding.
     Without a cache, attention is causal within `tokens`. With a cache, the T tokens are written at
-    slots [cache.index, cache.index + T) and attend to every valid earlier slot.
+    slots [cache.index, cache.index + T) and attend to every valid earlier slot. A static `window`
+    limits attention to slots [0, window), which the caller guarantees covers cache.index + T: the
+    sampler grows it in phases so early decode steps do not read the empty end of the cache.
     Returns (logits [B, T, V] float32, new_cache or None).
     """
-    hidden, cache = forward_hidden(params, cfg, tokens, positions, valid, cache)
+    hidden, cache = forward_hidden(params, cfg, tokens, positions, valid, cache, window)
     return logits_from_hidden(params, cfg, hidden), cache
 
 
 def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
-                   cache: Optional[KVCache] = None):
+                   cache: Optional[KVCache] = None, window: Optional[int] = None):
     """The final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
     b, t = tokens.shape
     if positions is None:
@@ -68,32 +70,46 @@ def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
 
     if cache is None:
         q_slot = jnp.arange(t, dtype=jnp.int32)
-        k_slot, k_pos, k_valid = q_slot, positions, valid
+        mask = attention_mask(cfg, q_slot, positions, q_slot, positions, valid)  # [B, T, T]
     else:
         q_slot = cache.index + jnp.arange(t, dtype=jnp.int32)
         k_pos = jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (0, cache.index))
         k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
-        k_slot = jnp.arange(cache.pos.shape[1], dtype=jnp.int32)
-    mask = attention_mask(cfg, q_slot, positions, k_slot, k_pos, k_valid)  # [B, T, S]
+        w = cache.pos.shape[1] if window is None else window
+        mask = attention_mask(cfg, q_slot, positions, jnp.arange(w, dtype=jnp.int32), k_pos[:, :w],
+                              k_valid[:, :w])  # [B, T, W]
 
     def layer(carry, xs):
         x, ck, cv = carry
         lp, i = xs
         lp = jax.tree.map(lambda a: a.astype(dtype), lp)
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q = jnp.einsum("btd,dhe->bhte", h, lp["wq"])  # heads-major: [B, H, T, E]
-        k = jnp.einsum("btd,dke->bkte", h, lp["wk"])
-        v = jnp.einsum("btd,dke->bkte", h, lp["wv"])
+        # Token-major activations [B, T, heads, E]: each projection is one plain [B*T, D] matmul.
+        q = jnp.einsum("btd,dhe->bthe", h, lp["wq"])
+        k = jnp.einsum("btd,dke->btke", h, lp["wk"])
+        v = jnp.einsum("btd,dke->btke", h, lp["wv"])
         if cfg.attention_bias:
-            q, k, v = q + lp["bq"][:, None], k + lp["bk"][:, None], v + lp["bv"][:, None]
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kt, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))  # [B,K,E,T], [B,K,T,E]
         if ck is not None:
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, cache.index, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, cache.index, 0))
-            k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dtype)
-            v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dtype)
-        attn = attention(q, k, v, mask)  # [B, H, T, E]
-        x = x + jnp.einsum("bhte,hed->btd", attn, lp["wo"])
+            kt, v = kt.astype(ck.dtype), v.astype(cv.dtype)
+            if t == 1:  # decode: write one slot in place, then read the layer back
+                ck = jax.lax.dynamic_update_slice(ck, kt[None], (i, 0, 0, 0, cache.index))
+                cv = jax.lax.dynamic_update_slice(cv, v[None], (i, 0, 0, cache.index, 0))
+                lk, lv = (jax.lax.dynamic_index_in_dim(c, i, keepdims=False) for c in (ck, cv))
+            else:  # prefill: update the layer's slice, then store it whole (reading back from the
+                # updated cache makes XLA copy the whole value cache in every layer)
+                lk, lv = (jax.lax.dynamic_index_in_dim(c, i, keepdims=False) for c in (ck, cv))
+                lk = jax.lax.dynamic_update_slice(lk, kt, (0, 0, 0, cache.index))
+                lv = jax.lax.dynamic_update_slice(lv, v, (0, 0, cache.index, 0))
+                ck = jax.lax.dynamic_update_index_in_dim(ck, lk, i, 0)
+                cv = jax.lax.dynamic_update_index_in_dim(cv, lv, i, 0)
+            w = ck.shape[-1] if window is None else window
+            kt, v = lk[..., :w].astype(dtype), lv[:, :, :w].astype(dtype)
+        attn = attention(q, kt, v, mask)  # [B, T, H, E]
+        b_, t_, h_, e_ = attn.shape
+        x = x + (attn.reshape(b_ * t_, h_ * e_) @ lp["wo"].reshape(h_ * e_, -1)).reshape(x.shape)
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
         gate = jnp.einsum("btd,df->btf", h, lp["w_gate"])
         up = jnp.einsum("btd,df->btf", h, lp["w_up"])
@@ -126,12 +142,13 @@ def output_embedding(params, cfg: ModelConfig):
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    k_shape = shape[:3] + (cfg.head_dim, length)
+    return KVCache(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(shape, dtype),
                    pos=jnp.zeros((batch, length), jnp.int32),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
 
-CACHE_AXES = KVCache(k=("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+CACHE_AXES = KVCache(k=("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
                      v=("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
                      pos=("batch", "cache_seq"), valid=("batch", "cache_seq"), index=())
 
@@ -233,10 +250,10 @@ def rope_tables(cfg: ModelConfig, positions):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, N, T, E] (heads-major); rotate pairs (i, i + E/2)."""
+    """x [B, T, N, E] (token-major); rotate pairs (i, i + E/2)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rot = jnp.concatenate([-x2, x1], axis=-1)
-    out = x.astype(jnp.float32) * cos[:, None] + rot * sin[:, None]
+    out = x.astype(jnp.float32) * cos[:, :, None] + rot * sin[:, :, None]
     return out.astype(x.dtype)
 
 
@@ -248,20 +265,23 @@ def attention_mask(cfg: ModelConfig, q_slot, q_pos, k_slot, k_pos, k_valid):
     return mask
 
 
-def attention(q, k, v, mask):
-    """Grouped-query attention. q [B,H,T,E], k/v [B,K,S,E], mask [B,T,S] -> [B,H,T,E].
+def attention(q, kt, v, mask):
+    """Grouped-query attention. q [B,T,H,E], keys kt [B,K,E,S] (transposed, the KV cache's layout),
+    values v [B,K,S,E], mask [B,T,S] -> [B,T,H,E].
 
-    Heads-major layouts keep (batch, kv head) as the leading batch dimensions of both matmuls,
-    so reading the KV cache needs no transpose."""
-    b, h, t, e = q.shape
-    kh = k.shape[1]
-    q = q.reshape(b, kh, (h // kh) * t, e)  # query rows of a kv head's group side by side
-    scores = jnp.einsum("bkqe,bkse->bkqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kh, h // kh, t, -1) / np.sqrt(e).astype(np.float32)
+    (batch, kv head) lead both matmuls; the G = H/K query heads of a kv head and the T queries
+    are stacked as G*T rows against the group's keys. In decode (T = 1) q needs no transpose, and
+    keys stored [E, S] make q·k a plain [G, E] x [E, S] product, ~1.7x faster on XLA:CPU than [S, E]."""
+    b, t, h, e = q.shape
+    kh = kt.shape[1]
+    g = h // kh
+    q = q.reshape(b, t, kh, g, e).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, e)
+    scores = jnp.einsum("bkqe,bkes->bkqs", q, kt, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kh, g, t, -1) / np.sqrt(e).astype(np.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, (h // kh) * t, -1)
-    out = jnp.einsum("bkqs,bkse->bkqe", probs, v)
-    return out.reshape(b, h, t, e)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, g * t, -1)
+    out = jnp.einsum("bkqs,bkse->bkqe", probs, v)  # [B, K, G*T, E]
+    return out.reshape(b, kh, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
 def _remat(fn, policy: str):
