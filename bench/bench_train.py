@@ -4,7 +4,10 @@ PyTorch baseline (what uclaml/SPIN does per step, minus DeepSpeed): transformers
 policy + a deep-copied frozen opponent, ONE concatenated forward of real and generated sequences,
 fp32 logits, summed response log-probs, the sigmoid SPIN loss, backward, torch RMSprop.
 spin_jax: the jitted train step with the opponent in the step, and with precomputed opponent
-log-probs (the default: the opponent is scored once per iteration, not every step).
+log-probs (the default: the opponent is scored once per iteration, not every step). Both sides get
+the same pairs and compute the same loss; spin_jax's step runs each prompt once for its two
+responses and takes logits on response positions only (tokens/s counts the same 2 x (P + R)
+tokens per pair on both sides).
 
 Each variant runs in its own subprocess (so peak RSS is its own); one invocation runs all of them
 and prints tokens/s, the ratios against the PyTorch step, and peak memory.
@@ -70,7 +73,8 @@ def main() -> None:
 
 
 def batch_arrays(args, vocab: int, seed: int = 0):
-    """4 pairs: the same prompt for real and generated, random but fixed token ids, no padding."""
+    """4 pairs: the same prompt for real and generated, random but fixed token ids, no padding;
+    in the training layout (each prompt once, real and generated responses interleaved)."""
     import numpy as np
 
     from spin_jax.data import tokenize
@@ -79,7 +83,8 @@ def batch_arrays(args, vocab: int, seed: int = 0):
     prompts = [list(rng.integers(100, vocab, args.prompt_len)) for _ in range(args.pairs)]
     real = [list(rng.integers(100, vocab, args.response_len)) for _ in range(args.pairs)]
     gen = [list(rng.integers(100, vocab, args.response_len)) for _ in range(args.pairs)]
-    return tokenize.pack(prompts + prompts, real + gen, args.prompt_len, args.response_len)
+    return prompts, real, gen, tokenize.pack_grouped(prompts, [x for pair in zip(real, gen) for x in pair],
+                                                     args.prompt_len, args.response_len)
 
 
 def run_jax(args, mode: str) -> dict:
@@ -99,7 +104,7 @@ def run_jax(args, mode: str) -> dict:
     sh = train.state_shardings(m.cfg, mesh, shapes)
     state = jax.jit(lambda p: train.init_state(p, tx), out_shardings=sh)(jax.device_put(m.params, sh.params))
     opponent = jax.device_put(m.params, sh.params) if mode == "in_step" else None
-    b = batch_arrays(args, m.cfg.vocab_size)
+    b = batch_arrays(args, m.cfg.vocab_size)[-1]
     b["opponent_logps"] = np.full(b["tokens"].shape[0], -300.0, np.float32)
     batch = train._global_batch(train.to_microbatches(b, 1), mesh)
     t0 = time.perf_counter()
@@ -130,7 +135,11 @@ def run_torch(args) -> dict:
     policy.train()  # dropout is 0 in this config, as in the reference
     opponent = copy.deepcopy(policy).eval().requires_grad_(False)
     opt = torch.optim.RMSprop(policy.parameters(), lr=5e-7)
-    b = {k: torch.from_numpy(v) for k, v in batch_arrays(args, policy.config.vocab_size).items()}
+    from spin_jax.data import tokenize
+
+    prompts, real, gen, _ = batch_arrays(args, policy.config.vocab_size)
+    rows = tokenize.pack(prompts + prompts, real + gen, args.prompt_len, args.response_len)  # as the reference
+    b = {k: torch.from_numpy(v) for k, v in rows.items()}
     n = args.pairs
     beta = 0.1
 

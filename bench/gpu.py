@@ -93,7 +93,7 @@ def train_jax(cfg, params, s) -> dict:
     rng = np.random.default_rng(0)
     pr = [list(rng.integers(3, cfg.vocab_size, s["prompt"])) for _ in range(s["pairs"])]
     rs = [list(rng.integers(3, cfg.vocab_size, s["response"])) for _ in range(2 * s["pairs"])]
-    b = tokenize.pack(pr + pr, rs, s["prompt"], s["response"])
+    b = tokenize.pack_grouped(pr, rs, s["prompt"], s["response"])  # the training layout
     b["opponent_logps"] = np.full(2 * s["pairs"], -300.0, np.float32)
     tokens = 2 * s["pairs"] * (s["prompt"] + s["response"])
     for mode in ("precomputed", "in_step"):

@@ -218,11 +218,11 @@ class Programs:
     def logps(self, params, prompts: list[list[int]], responses: list[list[int]], progress: bool,
               desc: str) -> np.ndarray:
         """Summed log-probs [N] of each response given its prompt (scoring.batch_logps over
-        tokenize.pack batches, prompt and response buckets per batch, as training packs them)."""
-        from spin_jax import scoring, sharding
+        grouped batches, prompt and response buckets per batch, as training packs them)."""
+        from spin_jax import scoring
 
         return scoring.logps_in_batches(self.score_fn, params, prompts, responses, self.rows, self.pad_id,
-                                        sharding.batch_sharding(self.mesh, 2, self.rows), progress, desc)
+                                        self.mesh, progress, desc)
 
 
 def sample(progs: Programs, params, tok, rows: list[dict], sp, seed: int, progress: bool, desc: str) -> list[dict]:

@@ -153,12 +153,13 @@ def opponent_logps(cfg: Config, model, rows: list[dict], mesh, progress: bool = 
     d = cfg.data
     encoded = ex.encode_rows(model.tokenizer, rows, d.max_length, d.max_prompt_length, source="store")
     batch_rows = 2 * cfg.sampling.batch_size
-    fn = train.opponent_logps_fn(model.cfg, mesh, cfg.train.vocab_chunk, batch_rows)
+    fn = train.opponent_logps_fn(model.cfg, mesh, cfg.train.vocab_chunk, batch_rows, group=2)
     params = sharding.shard_params(model.params, model.cfg, mesh)[0]
-    prompts = [list(e.prompt) for e in encoded for _ in (0, 1)]  # real and generated side by side
-    responses = [list(x) for e in encoded for x in (e.real, e.generated)]
+    prompts = [list(e.prompt) for e in encoded]
+    responses = [list(x) for e in encoded for x in (e.real, e.generated)]  # side by side, as training
     lp = scoring.logps_in_batches(fn, params, prompts, responses, batch_rows, model.tokenizer.pad_token_id or 0,
-                                  sharding.batch_sharding(mesh, 2, batch_rows), progress, desc="opponent log-probs")
+                                  mesh, progress, desc="opponent log-probs",
+                                  group=2)
     return [(float(lp[2 * i]), float(lp[2 * i + 1])) for i in range(len(encoded))]
 
 

@@ -18,11 +18,32 @@ from spin_jax.model import llama
 
 
 def batch_logps(params, cfg, batch, vocab_chunk: int = 0):
-    """Summed fp32 log-probs [N] of the response tokens of a packed batch (see data.tokenize)."""
-    hidden, _ = llama.forward_hidden(params, cfg, batch["tokens"], batch["positions"], batch["valid"])
-    w_out = llama.output_embedding(params, cfg).astype(hidden.dtype)
-    tok_logps = loss_lib.token_logps_chunked(hidden, w_out, batch["labels"], vocab_chunk)
-    return jnp.sum(jnp.where(batch["loss_mask"], tok_logps, 0.0), axis=-1)
+    """Summed fp32 log-probs [rows] of the response tokens of a packed batch, in either layout of
+    `data.tokenize` (grouped: each prompt computed once for all its responses)."""
+    w_out = llama.output_embedding(params, cfg)
+    if "prompt_tokens" not in batch:
+        hidden, _ = llama.forward_hidden(params, cfg, batch["tokens"], batch["positions"], batch["valid"])
+        tok_logps = loss_lib.token_logps_chunked(hidden, w_out.astype(hidden.dtype), batch["labels"], vocab_chunk)
+        return jnp.sum(jnp.where(batch["loss_mask"], tok_logps, 0.0), axis=-1)
+    tokens = batch["tokens"]
+    g = tokens.shape[0] // batch["prompt_tokens"].shape[0]
+    # The last response token is never an input that matters: only logits of earlier positions are used.
+    hp, hidden = llama.forward_shared_prefix(
+        params, cfg, batch["prompt_tokens"], batch["prompt_positions"], batch["prompt_valid"],
+        tokens[:, :-1], batch["positions"][:, :-1], batch["valid"][:, :-1])
+    # the prompt's last position predicts response token 0; response position t predicts t + 1
+    hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], g, axis=0), hidden], axis=1)  # [gN, R, D]
+    tok_logps = loss_lib.token_logps_chunked(hidden, w_out.astype(hidden.dtype), tokens, vocab_chunk)
+    return jnp.sum(jnp.where(batch["valid"], tok_logps, 0.0), axis=-1)
+
+
+def grouped_shardings(mesh, rows: int, group: int = 1) -> dict:
+    """Shardings of a grouped batch (tokenize.pack_grouped) of `rows` responses, rows // group
+    prompts: each leading axis over (data, fsdp) where it divides."""
+    from spin_jax import sharding
+
+    prompt, response = (sharding.batch_sharding(mesh, 2, n) for n in (rows // group, rows))
+    return {**{k: prompt for k in tokenize.PROMPT_KEYS}, **{k: response for k in tokenize.RESPONSE_KEYS}}
 
 
 def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2048,
@@ -32,9 +53,8 @@ def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2
 
     mesh = mesh or sharding.make_mesh()
     params, param_sh = sharding.shard_params(model.params, model.cfg, mesh)
-    in_sh = sharding.batch_sharding(mesh, 2, batch_size)
     fn = jax.jit(lambda p, b: batch_logps(p, model.cfg, b, vocab_chunk),
-                 in_shardings=(param_sh, in_sh), out_shardings=sharding.batch_sharding(mesh, 1, batch_size))
+                 in_shardings=(param_sh, grouped_shardings(mesh, batch_size)), out_shardings=sharding.batch_sharding(mesh, 1, batch_size))
     tok = model.tokenizer
     prompts = [tokenize.prompt_ids(tok, r["prompt"]) for r in rows]
     responses = [tokenize.response_ids(tok, r["response"]) for r in rows]
@@ -42,25 +62,33 @@ def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2
         if len(p) + len(r) > max_length:
             raise ValueError(f"row {i}: prompt + response is {len(p) + len(r)} tokens, "
                              f"over --max-length {max_length}; raise it or shorten the row")
-    logps = logps_in_batches(fn, params, prompts, responses, batch_size, tok.pad_token_id or 0, in_sh,
+    logps = logps_in_batches(fn, params, prompts, responses, batch_size, tok.pad_token_id or 0, mesh,
                              progress, desc="score")
     for row, lp, r in zip(rows, logps, responses):
         yield {**row, "logp": float(lp), "n_tokens": len(r)}
 
 
 def logps_in_batches(fn, params, prompts: list[list[int]], responses: list[list[int]], rows: int,
-                     pad_id: int, in_sharding, progress: bool = True, desc: str = "score") -> np.ndarray:
-    """fn(params, packed) [rows] for each (prompt, response), `rows` at a time: the last batch is
-    padded with copies of its first pair (fixed shape), prompt and response lengths bucketed per
-    batch as training packs them. Returns float64 [N] in input order."""
+                     pad_id: int, mesh, progress: bool = True, desc: str = "score",
+                     group: int = 1) -> np.ndarray:
+    """fn(params, packed) [rows] for each response, `rows` responses at a time, in the grouped
+    layout (data.tokenize.pack_grouped): response j continues prompt j // group. The last batch is
+    padded with copies of its first group (fixed shape); prompt and response lengths are bucketed
+    per batch as training packs them. Returns float64 [len(responses)] in input order."""
     from tqdm import tqdm
 
+    if len(responses) != group * len(prompts) or rows % group:
+        raise ValueError(f"{len(responses)} responses, {len(prompts)} prompts, {rows} rows: "
+                         f"need group {group} responses per prompt and rows a multiple of it")
+    per = rows // group  # prompts per batch
+    in_sharding = grouped_shardings(mesh, rows, group)
     out = []
-    for start in tqdm(range(0, len(prompts), rows), desc=desc, unit="batch", disable=not progress):
-        p, r = prompts[start:start + rows], responses[start:start + rows]
-        n = len(p)
-        p, r = p + [p[0]] * (rows - n), r + [r[0]] * (rows - n)
-        packed = tokenize.pack(p, r, tokenize.bucket(max(map(len, p))), tokenize.bucket(max(map(len, r))), pad_id)
+    for start in tqdm(range(0, len(prompts), per), desc=desc, unit="batch", disable=not progress):
+        p, r = prompts[start:start + per], responses[start * group:(start + per) * group]
+        n = len(r)
+        p, r = p + [p[0]] * (per - len(p)), r + r[:group] * (per - len(p))
+        packed = tokenize.pack_grouped(p, r, tokenize.bucket(max(map(len, p))), tokenize.bucket(max(map(len, r))),
+                                       pad_id)
         # placed explicitly: with several processes, jit refuses sharded numpy inputs
         out.extend(np.asarray(fn(params, jax.device_put(packed, in_sharding)))[:n].tolist())
     return np.asarray(out, np.float64)

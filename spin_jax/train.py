@@ -3,10 +3,12 @@
     step = make_train_step(cfg, tcfg, tx, mesh, batch_shapes)
     state, metrics = step(state, opponent_params, batch)
 
-A step's batch holds pairs interleaved on the row axis, with a leading micro-batch axis for
-gradient accumulation: [A, 2b, L] where row 2i is prompt i + its real response and row 2i + 1 the
-same prompt + the opponent's generated response (see data.tokenize.pack and `to_microbatches`).
-Any even, contiguous slice of rows holds whole pairs, so each host can hand in its own slice.
+A step's batch is in the grouped layout of data.tokenize.pack_grouped with a leading micro-batch
+axis for gradient accumulation: prompts [A, b, P] and responses [A, 2b, R], where response row 2i
+is prompt i's real response and row 2i + 1 the opponent's generated one. Each prompt is computed
+once for both of its responses (llama.forward_shared_prefix) and logits are computed for response
+positions only. A contiguous slice of b' prompts and their 2b' responses holds whole pairs, so each
+host can hand in its own slice.
 The opponent's log-probs come either from `opponent_params` inside the step (under
 stop_gradient) or from `batch["opponent_logps"]` [A, 2b], computed once per iteration right after
 sampling (then `opponent_params` is None and no second model is in memory); both give the same loss.
@@ -27,10 +29,11 @@ from flax import struct
 from spin_jax import loss as loss_lib
 from spin_jax import scoring, sharding
 from spin_jax.config import TrainSection
+from spin_jax.data import tokenize
 from spin_jax.model import llama
 from spin_jax.model.config import ModelConfig
 
-BATCH_KEYS = ("tokens", "valid", "positions", "labels", "loss_mask")
+BATCH_KEYS = tokenize.PROMPT_KEYS + tokenize.RESPONSE_KEYS
 
 
 @struct.dataclass
@@ -67,7 +70,7 @@ def init_state(params, tx) -> TrainState:
 
 
 def pair_losses(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, micro):
-    """Per-pair losses [B] and metrics for one micro-batch [2B, L]: one concatenated forward."""
+    """Per-pair losses [B] and metrics for one micro-batch (B prompts, 2B responses): one forward."""
     logps = scoring.batch_logps(params, cfg, micro, tcfg.vocab_chunk)
     if tcfg.opponent_logps == "in_step":
         opp = jax.lax.stop_gradient(scoring.batch_logps(opponent_params, cfg, micro, tcfg.vocab_chunk))
@@ -150,26 +153,25 @@ def _batch_spec(mesh):
 
 
 def to_microbatches(batch: dict, grad_accum: int) -> dict:
-    """[2B, ...] (B real rows, then the B generated rows of the same prompts) -> [A, 2b, ...] with
-    pairs interleaved (real, generated, real, ...), b = B / A."""
+    """A grouped batch (B prompts [B, ...], 2B response rows [2B, ...], pairs interleaved) ->
+    grad_accum micro-batches [A, B/A, ...] and [A, 2B/A, ...], each holding whole pairs."""
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        b = v.shape[0] // 2
-        if b % grad_accum:
-            raise ValueError(f"batch of {b} pairs does not split into grad_accum={grad_accum} micro-batches")
-        pairs = np.stack([v[:b], v[b:]], axis=1)  # [B, 2, ...]
-        out[k] = pairs.reshape(grad_accum, 2 * (b // grad_accum), *v.shape[1:])
+        if v.shape[0] % grad_accum or (k in tokenize.RESPONSE_KEYS and v.shape[0] % (2 * grad_accum)):
+            raise ValueError(f"batch {k!r} of {v.shape[0]} rows does not split into grad_accum={grad_accum} "
+                             f"micro-batches of whole pairs")
+        out[k] = v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:])
     return out
 
 
-def opponent_logps_fn(cfg: ModelConfig, mesh, vocab_chunk: int = 0, batch_rows: Optional[int] = None):
-    """jit(batch_logps) with the params and rows sharded: used once per iteration to store the
-    opponent's log-probs of the real and generated responses."""
+def opponent_logps_fn(cfg: ModelConfig, mesh, vocab_chunk: int, batch_rows: int, group: int = 1):
+    """jit(batch_logps) with the params and rows sharded, for grouped batches of `batch_rows`
+    responses (`group` per prompt): used once per iteration to store the opponent's log-probs of
+    the real and generated responses (group 2), and by evaluate (group 1)."""
     param_sh = sharding.tree_shardings(llama.param_axes(cfg), llama.param_shapes(cfg), mesh)
-    row = sharding.batch_sharding(mesh, 2, batch_rows)
     return jax.jit(lambda p, b: scoring.batch_logps(p, cfg, b, vocab_chunk),
-                   in_shardings=(param_sh, {k: row for k in BATCH_KEYS}),
+                   in_shardings=(param_sh, scoring.grouped_shardings(mesh, batch_rows, group)),
                    out_shardings=sharding.batch_sharding(mesh, 1, batch_rows))
 
 
@@ -181,8 +183,8 @@ def fit(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, mesh, bat
         learning_rate: float, out_dir: str, log=None, progress: bool = True, stop_after: Optional[int] = None):
     """Train for `steps` updates; returns (final params as numpy, summary dict).
 
-    batches_from(start_step) yields host-local numpy batches [2B, L] (real rows then generated
-    rows) starting at that update. Checkpoints go to out_dir/checkpoints every
+    batches_from(start_step) yields host-local numpy batches in the grouped layout (B prompts, 2B
+    responses, see data.examples.make_batches) starting at that update. Checkpoints go to out_dir/checkpoints every
     tcfg.checkpoint_every updates and at the end; a rerun resumes from the newest one at the same
     data position. SIGTERM (spot/preemptible VMs) saves a checkpoint and exits with status 0.
     """

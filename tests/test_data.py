@@ -48,16 +48,17 @@ def test_encode_pair_truncation_written_out(tok):
     with pytest.raises(ValueError, match="field 'prompt': 32 tokens, longer than max_length=20"):
         examples.encode_pair(tok, "Hi there", real, gen, max_length=20, max_prompt_length=12)
 
-    # the batch: 1 pair -> row 0 = prompt + real, row 1 = prompt + generated; P = 32, R = 4
+    # the batch: 1 pair -> the 30-token prompt once, left-padded to P = 32; responses: row 0 real,
+    # row 1 generated, right-padded to R = 4
     (batch,) = examples.make_batches([examples.Encoded(p, r, g)], 1, seed=0, min_bucket=4)
     pad = 0
-    assert batch["tokens"].tolist() == [[pad] * 2 + p + r, [pad] * 2 + p + g + [pad]]
-    assert batch["valid"].astype(int).tolist() == [[0] * 2 + [1] * 34, [0] * 2 + [1] * 33 + [0]]
-    assert batch["positions"][0].tolist() == [0, 0] + list(range(34))
-    # loss on positions whose label is a response token: t = 31..34 (real), 31..33 (generated)
-    assert batch["loss_mask"].astype(int).tolist() == [[0] * 31 + [1] * 4 + [0],
-                                                       [0] * 31 + [1] * 3 + [0] * 2]
-    assert batch["labels"][0, 31:35].tolist() == r and batch["labels"][1, 31:34].tolist() == g
+    assert batch["prompt_tokens"].tolist() == [[pad] * 2 + p]
+    assert batch["prompt_valid"].astype(int).tolist() == [[0] * 2 + [1] * 30]
+    assert batch["prompt_positions"][0].tolist() == [0, 0] + list(range(30))
+    assert batch["tokens"].tolist() == [r, g + [pad]]
+    assert batch["valid"].astype(int).tolist() == [[1] * 4, [1] * 3 + [0]]
+    # responses continue the prompt's positions (padding repeats the last one)
+    assert batch["positions"].tolist() == [[30, 31, 32, 33], [30, 31, 32, 32]]
     assert "opponent_logps" not in batch
 
 
@@ -67,13 +68,15 @@ def test_batch_layout_hand_built():
     (batch,) = examples.make_batches(exs, 2, seed=0, min_bucket=4)
     order = batch["index"].tolist()
     assert sorted(order) == [0, 1]
-    rows = {0: ([0, 0, 11, 12, 31, 32, 2, 0], [0, 0, 11, 12, 41, 2, 0, 0]),
-            1: ([0, 0, 0, 21, 51, 2, 0, 0], [0, 0, 0, 21, 61, 62, 63, 2])}
-    real = [rows[i][0] for i in order]
-    gen = [rows[i][1] for i in order]
-    assert batch["tokens"].tolist() == real + gen  # first B rows real, next B generated
+    prompts = {0: [0, 0, 11, 12], 1: [0, 0, 0, 21]}
+    responses = {0: ([31, 32, 2, 0], [41, 2, 0, 0]), 1: ([51, 2, 0, 0], [61, 62, 63, 2])}
+    assert batch["prompt_tokens"].tolist() == [prompts[i] for i in order]
+    # pairs interleaved: real, generated, real, generated
+    assert batch["tokens"].tolist() == [x for i in order for x in responses[i]]
+    starts = {0: 2, 1: 1}
+    assert batch["positions"][:, 0].tolist() == [starts[i] for i in order for _ in (0, 1)]
     logps = {0: (-1.5, -2.5), 1: (-3.0, -4.0)}
-    assert batch["opponent_logps"].tolist() == [logps[i][0] for i in order] + [logps[i][1] for i in order]
+    assert batch["opponent_logps"].tolist() == [x for i in order for x in logps[i]]
 
 
 def _toy_examples(n=37, seed=0):
@@ -94,8 +97,9 @@ def test_two_hosts_disjoint_union_whole_same_shapes():
         ia, ib = set(a["index"].tolist()), set(b["index"].tolist())
         assert not ia & ib and ia | ib == set(w["index"].tolist()) and len(ia) == len(ib) == 4
         assert a["tokens"].shape == b["tokens"].shape == (8, w["tokens"].shape[1])  # one program
-        for k in ("tokens", "loss_mask", "positions", "opponent_logps"):  # real half, then generated half
-            np.testing.assert_array_equal(np.concatenate([a[k][:4], b[k][:4], a[k][4:], b[k][4:]]), w[k])
+        assert a["prompt_tokens"].shape == b["prompt_tokens"].shape == (4, w["prompt_tokens"].shape[1])
+        for k in ("prompt_tokens", "prompt_positions", "tokens", "valid", "positions", "opponent_logps"):
+            np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), w[k])  # host 0's pairs, then host 1's
     seen = np.concatenate([w["index"] for w in whole])
     assert len(set(seen.tolist())) == len(seen) == 32  # an epoch never repeats a pair
 

@@ -141,3 +141,24 @@ def test_smollm2_logits_match_transformers_gguf(smollm2, smollm2_torch, smollm2_
     tokens = np.array(ids)
     ours, _ = jax.jit(lambda p, t: llama.forward(p, smollm2.cfg, t))(smollm2.params, tokens)
     assert rel_err(ours, torch_logits(smollm2_torch, tokens)) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_shared_prompt_scoring_equals_whole_rows(arch, group):
+    """Grouped batches (each prompt computed once for its `group` responses, logits on responses
+    only) score exactly what whole [prompt + response] rows score: Mistral's window of 4 cuts
+    across the prompt/response boundary here."""
+    from spin_jax import scoring
+    from spin_jax.data import tokenize
+
+    cfg = tiny_config(arch)
+    params = llama.init_params(cfg, jax.random.key(3))
+    rng = np.random.default_rng(group)
+    prompts = [list(rng.integers(3, 128, size=rng.integers(1, 9))) for _ in range(3)]
+    responses = [list(rng.integers(3, 128, size=rng.integers(1, 12))) for _ in range(3 * group)]
+    grouped = tokenize.pack_grouped(prompts, responses, 8, 16)
+    whole = tokenize.pack([p for p in prompts for _ in range(group)], responses, 8, 16)
+    got = np.asarray(jax.jit(lambda p, b: scoring.batch_logps(p, cfg, b, 40))(params, grouped))
+    ref = np.asarray(jax.jit(lambda p, b: scoring.batch_logps(p, cfg, b))(params, whole))
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)

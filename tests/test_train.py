@@ -52,14 +52,25 @@ def test_chunked_token_logps_equal_full_softmax():
         np.testing.assert_allclose(loss_lib.token_logps_chunked(hidden, w, labels, chunk), ref, rtol=1e-5)
 
 
-def make_batch(cfg, n_pairs=4, grad_accum=1, seed=0):
+def make_pairs(cfg, n_pairs, seed):
     rng = np.random.default_rng(seed)
     prompts = [list(rng.integers(3, cfg.vocab_size, size=rng.integers(2, 7))) for _ in range(n_pairs)]
-    real = [list(rng.integers(3, cfg.vocab_size, size=rng.integers(1, 6))) + [2] for _ in range(n_pairs)]
-    gen = [list(rng.integers(3, cfg.vocab_size, size=rng.integers(1, 6))) + [2] for _ in range(n_pairs)]
-    b = tokenize.pack(prompts + prompts, real + gen, 8, 8)
+    responses = [list(rng.integers(3, cfg.vocab_size, size=rng.integers(1, 6))) + [2] for _ in range(2 * n_pairs)]
+    return prompts, responses  # responses 2i (real) and 2i + 1 (generated) continue prompt i
+
+
+def make_batch(cfg, n_pairs=4, grad_accum=1, seed=0):
+    """The training layout: each prompt once, its real and generated responses interleaved."""
+    prompts, responses = make_pairs(cfg, n_pairs, seed)
+    b = tokenize.pack_grouped(prompts, responses, 8, 8)
     b["opponent_logps"] = np.zeros((2 * n_pairs,), np.float32)
     return train.to_microbatches(b, grad_accum)
+
+
+def full_rows(cfg, n_pairs=4, seed=0):
+    """The same pairs as whole rows [prompt + response] (the reference's concatenated layout)."""
+    prompts, responses = make_pairs(cfg, n_pairs, seed)
+    return tokenize.pack([p for p in prompts for _ in (0, 1)], responses, 8, 8)
 
 
 def plain_loss(params, opponent, cfg, micro, beta):
@@ -93,8 +104,8 @@ def test_train_step_gradient_matches_plain_jax_grad(tiny):
     state = train.init_state(policy, tx)
     new_state, metrics = jax.jit(lambda s, o, b: train.train_step(s, o, b, cfg=cfg, tcfg=tcfg, tx=tx))(
         state, opponent, batch)
-    full = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
-    ref_loss, ref_grads = jax.value_and_grad(plain_loss)(policy, opponent, cfg, full, 0.1)
+    # the reference runs whole concatenated rows: it checks the shared-prompt forward too
+    ref_loss, ref_grads = jax.value_and_grad(plain_loss)(policy, opponent, cfg, full_rows(cfg, 4), 0.1)
     got_grads = jax.tree.map(lambda a, b: a - b, policy, new_state.params)
     np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5)
     for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):

@@ -1,8 +1,8 @@
 """SPIN examples: (prompt, real, generated) token ids, and deterministic host-sharded batches.
 
-A batch for B pairs holds 2B rows in the layout of `spin_jax.data.tokenize.pack`: rows [0, B) are
-prompt + real response, rows [B, 2B) the same prompts + generated response, so one forward pass
-gives both log-probs (as the reference does). Shapes are bucketed to powers of two from the whole
+A batch for B pairs is in the grouped layout of `spin_jax.data.tokenize.pack_grouped`: B prompts
+and 2B responses, response 2i prompt i's real one and 2i + 1 its generated one, so one forward pass
+gives both log-probs, the prompt computed once. Shapes are bucketed to powers of two from the whole
 GLOBAL batch, so every host packs the same shapes and few programs compile.
 """
 
@@ -104,10 +104,10 @@ def make_batches(examples: Sequence, global_batch_size: int, *, seed: int, epoch
 
     The epoch's order is a permutation seeded by (seed, epoch); global batch s is examples
     order[s*G:(s+1)*G]; host h gets its rows [h*G/H, (h+1)*G/H) (disjoint, union = the batch).
-    Each yielded dict is tokenize.pack's layout for 2*G/H rows (real rows, then generated rows
-    with the same prompts) plus
+    Each yielded dict is tokenize.pack_grouped's layout for G/H prompts and 2*G/H responses (real
+    and generated interleaved) plus
         index           [G/H]   positions in `examples` of this host's pairs
-        opponent_logps  [2G/H]  (only when every pair carries both) real then generated, float32
+        opponent_logps  [2G/H]  (only when every pair carries both) real, generated, real, ... float32
     Resuming at start_step yields exactly the batches an uninterrupted read yields from there.
     """
     n = len(examples)
@@ -157,11 +157,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 def _pack(pairs: list, index: np.ndarray, prompt_len: int, response_len: int,
           pad_id: int) -> dict[str, np.ndarray]:
     prompts = [list(e[0]) for e in pairs]
-    responses = [list(e[1]) for e in pairs] + [list(e[2]) for e in pairs]
-    out = tokenize.pack(prompts + prompts, responses, prompt_len, response_len, pad_id)
+    responses = [list(x) for e in pairs for x in (e[1], e[2])]
+    out = tokenize.pack_grouped(prompts, responses, prompt_len, response_len, pad_id)
     out["index"] = np.asarray(index, np.int64)
     logps = [(getattr(e, "opponent_logp_real", None), getattr(e, "opponent_logp_generated", None))
              for e in pairs]
     if all(r is not None and g is not None for r, g in logps):
-        out["opponent_logps"] = np.asarray([r for r, _ in logps] + [g for _, g in logps], np.float32)
+        out["opponent_logps"] = np.asarray([x for pair in logps for x in pair], np.float32)
     return out

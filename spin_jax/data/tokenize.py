@@ -4,7 +4,16 @@ A prompt is one user turn through the tokenizer's own chat template with the gen
 a response is its tokens followed by the end-of-turn token (the tokenizer's EOS, e.g. <|im_end|>
 for ChatML). Prompt and response are tokenized separately and concatenated, as the reference does.
 
-Batch layout for N sequences (prompt bucket P, response bucket R):
+Two batch layouts. `pack_grouped` (training and scoring): each prompt once, its g responses apart,
+so a forward computes a prompt once for all its responses (`llama.forward_shared_prefix`):
+    prompt_tokens, prompt_valid, prompt_positions  [N, P]   prompts left-padded
+    tokens, valid, positions                       [gN, R]  responses right-padded; row j continues
+                                                            prompt j // g; positions continue the prompt's
+Each response token is scored (label = token, mask = valid): the prompt's last position predicts
+response token 0, response position t predicts token t + 1.
+
+`pack` (the sampler's prompts; reference scoring in tests), for N sequences (prompt bucket P,
+response bucket R):
     tokens    [N, P + R]   prompt left-padded into [0, P), response right-padded into [P, P + R)
     valid     [N, P + R]   True on real tokens
     positions [N, P + R]   0, 1, ... over the real tokens (RoPE positions; padding repeats)
@@ -74,3 +83,28 @@ def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], prompt_le
     loss_mask = np.zeros_like(valid)
     loss_mask[:, :-1] = is_response[:, 1:]
     return dict(tokens=tokens, valid=valid, positions=positions, labels=labels, loss_mask=loss_mask)
+
+
+PROMPT_KEYS = ("prompt_tokens", "prompt_valid", "prompt_positions")  # [N, P] in the grouped layout
+RESPONSE_KEYS = ("tokens", "valid", "positions")  # [gN, R]
+
+
+def pack_grouped(prompts: Sequence[list[int]], responses: Sequence[list[int]], prompt_len: int,
+                 response_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """The grouped layout of the module docstring: len(responses) = g * len(prompts), response j
+    continuing prompt j // g (SPIN: g = 2, real and generated interleaved)."""
+    n, g = len(prompts), len(responses) // max(len(prompts), 1)
+    if n == 0 or g * n != len(responses):
+        raise ValueError(f"{len(responses)} responses is not a whole number of groups of {n} prompts")
+    p = pack(prompts, [[] for _ in prompts], prompt_len, 0, pad_id)
+    tokens = np.full((g * n, response_len), pad_id, np.int32)
+    valid = np.zeros((g * n, response_len), bool)
+    for j, r in enumerate(responses):
+        if len(r) > response_len:
+            raise ValueError(f"row {j}: response {len(r)} tokens exceeds the bucket {response_len}")
+        tokens[j, :len(r)] = r
+        valid[j, :len(r)] = True
+    start = np.repeat([len(x) for x in prompts], g)[:, None]
+    positions = (start + np.maximum(np.cumsum(valid, axis=1) - 1, 0)).astype(np.int32)
+    return dict(prompt_tokens=p["tokens"], prompt_valid=p["valid"], prompt_positions=p["positions"],
+                tokens=tokens, valid=valid, positions=positions)

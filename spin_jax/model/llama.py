@@ -60,28 +60,68 @@ def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
                    cache: Optional[KVCache] = None, window: Optional[int] = None):
     """The final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
     b, t = tokens.shape
+    positions, valid = _defaults(tokens, positions, valid)
+    if cache is None:
+        q_slot = jnp.arange(t, dtype=jnp.int32)
+        mask = attention_mask(cfg, q_slot, positions, q_slot, positions, valid)  # [B, T, T]
+        x, _, _ = _layers(params, cfg, tokens, positions, mask)
+        return x, None
+    q_slot = cache.index + jnp.arange(t, dtype=jnp.int32)
+    k_pos = jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (0, cache.index))
+    k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+    w = cache.pos.shape[1] if window is None else window
+    mask = attention_mask(cfg, q_slot, positions, jnp.arange(w, dtype=jnp.int32), k_pos[:, :w],
+                          k_valid[:, :w])  # [B, T, W]
+    x, (ck, cv), _ = _layers(params, cfg, tokens, positions, mask, cache=cache, window=window)
+    return x, KVCache(ck, cv, k_pos, k_valid, cache.index + t)
+
+
+def forward_shared_prefix(params, cfg: ModelConfig, prefix, prefix_positions, prefix_valid,
+                          tokens, positions, valid):
+    """Hidden states of several continuations of each prefix, the prefix computed once.
+
+    prefix/prefix_positions/prefix_valid [N, P] (left-padded); tokens/positions/valid [gN, T], row
+    j continuing prefix j // g (SPIN: g = 2, a prompt's real and generated responses). Equal to a
+    forward over each row's concatenation [prefix, tokens], with the prefix's hidden states and
+    keys/values computed once instead of g times. Returns (prefix hidden [N, P, D], hidden [gN, T, D]).
+    """
+    n, p = prefix.shape
+    g, t = tokens.shape[0] // n, tokens.shape[1]
+    slot = jnp.arange(p, dtype=jnp.int32)
+    mask = attention_mask(cfg, slot, prefix_positions, slot, prefix_positions, prefix_valid)
+    hp, _, (pk, pv) = _layers(params, cfg, prefix, prefix_positions, mask, collect_kv=True)
+    rep = lambda a: jnp.repeat(a, g, axis=0)  # noqa: E731  prefix rows -> their continuations' rows
+    k_pos = jnp.concatenate([rep(prefix_positions), positions], axis=1)
+    k_valid = jnp.concatenate([rep(prefix_valid), valid], axis=1)
+    mask = attention_mask(cfg, p + jnp.arange(t, dtype=jnp.int32), positions,
+                          jnp.arange(p + t, dtype=jnp.int32), k_pos, k_valid)  # [gN, T, P + T]
+    x, _, _ = _layers(params, cfg, tokens, positions, mask, prefix_kv=(pk, pv, g))
+    return hp, x
+
+
+def _defaults(tokens, positions, valid):
+    b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if valid is None:
         valid = jnp.ones((b, t), dtype=bool)
+    return positions, valid
+
+
+def _layers(params, cfg: ModelConfig, tokens, positions, mask, cache: Optional[KVCache] = None,
+            window: Optional[int] = None, prefix_kv=None, collect_kv: bool = False):
+    """Embedding, the decoder layers under lax.scan, final norm. Attention keys are, in order: the
+    prefix's (prefix_kv = (k [L,N,K,E,P], v [L,N,K,P,E], g), each row repeated g times), the
+    cache's window, or the tokens' own. Returns (hidden [B, T, D], (cache k, cache v) or
+    (None, None), the tokens' own per-layer (k, v) when collect_kv else None)."""
+    t = tokens.shape[1]
     dtype = jnp.dtype(cfg.dtype)
     x = params["embed"].astype(dtype)[tokens]  # [B, T, D]
     cos, sin = rope_tables(cfg, positions)  # [B, T, E]
 
-    if cache is None:
-        q_slot = jnp.arange(t, dtype=jnp.int32)
-        mask = attention_mask(cfg, q_slot, positions, q_slot, positions, valid)  # [B, T, T]
-    else:
-        q_slot = cache.index + jnp.arange(t, dtype=jnp.int32)
-        k_pos = jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (0, cache.index))
-        k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
-        w = cache.pos.shape[1] if window is None else window
-        mask = attention_mask(cfg, q_slot, positions, jnp.arange(w, dtype=jnp.int32), k_pos[:, :w],
-                              k_valid[:, :w])  # [B, T, W]
-
     def layer(carry, xs):
         x, ck, cv = carry
-        lp, i = xs
+        lp, i, pre = xs
         lp = jax.tree.map(lambda a: a.astype(dtype), lp)
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         # Token-major activations [B, T, heads, E]: each projection is one plain [B*T, D] matmul.
@@ -92,7 +132,11 @@ def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kt, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))  # [B,K,E,T], [B,K,T,E]
-        if ck is not None:
+        own = (kt, v) if collect_kv else None
+        if pre is not None:
+            pk, pv = (jnp.repeat(a.astype(dtype), prefix_kv[2], axis=0) for a in pre)
+            kt, v = jnp.concatenate([pk, kt], axis=-1), jnp.concatenate([pv, v], axis=-2)
+        elif ck is not None:
             kt, v = kt.astype(ck.dtype), v.astype(cv.dtype)
             if t == 1:  # decode: write one slot in place, then read the layer back
                 ck = jax.lax.dynamic_update_slice(ck, kt[None], (i, 0, 0, 0, cache.index))
@@ -114,18 +158,15 @@ def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
         gate = jnp.einsum("btd,df->btf", h, lp["w_gate"])
         up = jnp.einsum("btd,df->btf", h, lp["w_up"])
         x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"])
-        return (x, ck, cv), None
+        return (x, ck, cv), own
 
     layer = _remat(layer, cfg.remat)
-    ck = cv = None
-    if cache is not None:
-        ck, cv = cache.k, cache.v
+    ck, cv = (cache.k, cache.v) if cache is not None else (None, None)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), (params["layers"], layer_ids))
+    pre = prefix_kv[:2] if prefix_kv is not None else None
+    (x, ck, cv), own = jax.lax.scan(layer, (x, ck, cv), (params["layers"], layer_ids, pre))
     x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
-    if cache is not None:
-        cache = KVCache(ck, cv, k_pos, k_valid, cache.index + t)
-    return x, cache
+    return x, (ck, cv), own
 
 
 def logits_from_hidden(params, cfg: ModelConfig, hidden):
