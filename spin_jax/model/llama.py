@@ -123,11 +123,12 @@ def _layers(params, cfg: ModelConfig, tokens, positions, mask, cache: Optional[K
         x, ck, cv = carry
         lp, i, pre = xs
         lp = jax.tree.map(lambda a: a.astype(dtype), lp)
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        # Token-major activations [B, T, heads, E]: each projection is one plain [B*T, D] matmul.
-        q = jnp.einsum("btd,dhe->bthe", h, lp["wq"])
-        k = jnp.einsum("btd,dke->btke", h, lp["wk"])
-        v = jnp.einsum("btd,dke->btke", h, lp["wv"])
+        b_, t_, d_ = x.shape
+        # Token-major activations [B, T, heads, E]; every projection is a plain 2-D [B*T, D]
+        # matmul (3-D einsums make XLA:CPU transpose gradients through slow fused copies).
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).reshape(b_ * t_, d_)
+        q, k, v = (jnp.matmul(h, lp[n].reshape(d_, -1)).reshape(b_, t_, *lp[n].shape[1:])
+                   for n in ("wq", "wk", "wv"))
         if cfg.attention_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -152,12 +153,10 @@ def _layers(params, cfg: ModelConfig, tokens, positions, mask, cache: Optional[K
             w = ck.shape[-1] if window is None else window
             kt, v = lk[..., :w].astype(dtype), lv[:, :, :w].astype(dtype)
         attn = attention(q, kt, v, mask)  # [B, T, H, E]
-        b_, t_, h_, e_ = attn.shape
-        x = x + (attn.reshape(b_ * t_, h_ * e_) @ lp["wo"].reshape(h_ * e_, -1)).reshape(x.shape)
-        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        gate = jnp.einsum("btd,df->btf", h, lp["w_gate"])
-        up = jnp.einsum("btd,df->btf", h, lp["w_up"])
-        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"])
+        x = x + (attn.reshape(b_ * t_, -1) @ lp["wo"].reshape(-1, d_)).reshape(x.shape)
+        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).reshape(b_ * t_, -1)  # 2-D matmuls
+        gate, up = h @ lp["w_gate"], h @ lp["w_up"]
+        x = x + ((jax.nn.silu(gate) * up) @ lp["w_down"]).reshape(x.shape)
         return (x, ck, cv), own
 
     layer = _remat(layer, cfg.remat)
