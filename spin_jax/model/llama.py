@@ -5,6 +5,10 @@ carrying its logical axes) and returns them as a plain pytree; `param_axes(cfg)`
 tree of logical-axis tuples, so sharding is a rule table (`spin_jax.sharding`). `forward(params,
 cfg, tokens, ...)` is a pure function of the params pytree; the layers are stacked along a
 leading `layers` axis and run under `lax.scan`, so compile time does not grow with depth.
+With a `KVCache` the same forward is the sampler's prefill and decode step (keys cached
+transposed, an optional static attention window); `forward_shared_prefix` runs several
+continuations of one prefix (SPIN's real and generated responses of a prompt) computing the
+prefix once.
 
 Layout of the params tree (D hidden, H heads, K kv heads, E head_dim, F mlp, V vocab, L layers):
   embed            [V, D]
