@@ -62,7 +62,7 @@ def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
         tok = model.tokenizer
         if rows is None:  # the tokenizer is the same for every model of a run
             rows = heldout_rows(cfg, t, tok)
-            sp = sampling_params(cfg, tok)
+            sp = iterate.sampling_params(cfg, tok)
             real_enc = ex.encode_rows(tok, [{"id": r["id"], "prompt": r["prompt"], "real": r["response"],
                                              "generated": ""} for r in rows], cfg.data.max_length,
                                       cfg.data.max_prompt_length, source=f"{cfg.data.name} {cfg.data.eval_split}")
@@ -80,11 +80,8 @@ def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
                                           "generated": s["text"]} for r, s in zip(rows, samples[label])],
                                    cfg.data.max_length, cfg.data.max_prompt_length, source="held-out pairs")
         if k in (t, t + 1):  # the pairs under the opponent θt and the main player θ(t+1)
-            n = len(pairs)
-            lp = progs.logps(params, [e.prompt for e in pairs] * 2,
-                             [e.real for e in pairs] + [e.generated for e in pairs], progress,
-                             desc=f"score pairs {label}")
-            spin_logps["opponent" if k == t else "policy"] = np.stack([lp[:n], lp[n:]], axis=1)
+            spin_logps["opponent" if k == t else "policy"] = progs.pair_logps(params, pairs, progress,
+                                                                              desc=f"score pairs {label}")
         del model, params
     pol, opp = spin_logps["policy"], spin_logps["opponent"]
     losses, metrics = loss_lib.spin_loss(pol[:, 0], pol[:, 1], opp[:, 0], opp[:, 1], cfg.train.beta,
@@ -185,14 +182,6 @@ def heldout_rows(cfg: Config, t: int, tokenizer) -> list[dict]:
     return rows
 
 
-def sampling_params(cfg: Config, tokenizer):
-    from spin_jax.sampling import SamplingParams
-
-    s = cfg.sampling
-    return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                          top_p=s.top_p, greedy=s.greedy, stop_ids=(tokenize.end_of_turn_id(tokenizer),))
-
-
 def eval_seed(cfg: Config) -> int:
     """One fixed seed for every model and every evaluation of the run (derived from sampling.seed)."""
     return int.from_bytes(hashlib.sha256(f"{cfg.sampling.seed}/eval".encode()).digest()[:4], "little")
@@ -203,14 +192,15 @@ class Programs:
     model of the run (they differ only in their params)."""
 
     def __init__(self, cfg: Config, model_cfg, mesh, pad_id: int):
-        from spin_jax import train
+        from spin_jax import scoring
         from spin_jax.sampling import Sampler
 
         self.model_cfg, self.mesh, self.pad_id = model_cfg, mesh, pad_id
         self.rows = 2 * cfg.sampling.batch_size  # scoring batch: as many rows as a batch of pairs
         self.sampler = Sampler(model_cfg, mesh, batch_size=cfg.sampling.batch_size, pad_id=pad_id,
                                decode_phases=cfg.sampling.decode_phases)
-        self.score_fn = train.opponent_logps_fn(model_cfg, mesh, cfg.train.vocab_chunk, self.rows)
+        self.score_fn = scoring.logps_fn(model_cfg, mesh, cfg.train.vocab_chunk, self.rows)
+        self.pair_fn = scoring.logps_fn(model_cfg, mesh, cfg.train.vocab_chunk, self.rows, group=2)
 
     def place(self, params):
         return self.sampler.place(params)
@@ -223,6 +213,13 @@ class Programs:
 
         return scoring.logps_in_batches(self.score_fn, params, prompts, responses, self.rows, self.pad_id,
                                         self.mesh, progress, desc)
+
+
+    def pair_logps(self, params, pairs, progress: bool, desc: str) -> np.ndarray:
+        """(logp real, logp generated) [N, 2] of encoded pairs, each prompt computed once."""
+        from spin_jax import scoring
+
+        return scoring.pair_logps(self.pair_fn, params, pairs, self.rows, self.pad_id, self.mesh, progress, desc)
 
 
 def sample(progs: Programs, params, tok, rows: list[dict], sp, seed: int, progress: bool, desc: str) -> list[dict]:

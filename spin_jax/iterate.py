@@ -86,7 +86,7 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
     With several processes every host samples and scores its own chunks (chunk c is host
     c % process_count's, shard-<host>-<chunk>) on a mesh of its own devices; all hosts must call
     this, and return together once the whole store is complete."""
-    from spin_jax.sampling import Sampler, SamplingParams, progress_bar
+    from spin_jax.sampling import Sampler, progress_bar
 
     sharding.maybe_initialize_distributed(cfg.distributed)
     directory = store_lib.store_dir(cfg.run_dir, t)
@@ -103,8 +103,7 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
     mesh = make_local_mesh(cfg)
     if pending:
         s = cfg.sampling
-        sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                            top_p=s.top_p, greedy=s.greedy, stop_ids=(tokenize.end_of_turn_id(tok),))
+        sp = sampling_params(cfg, tok)
         sampler = Sampler(model.cfg, mesh, batch_size=s.batch_size, pad_id=tok.pad_token_id or 0,
                           decode_phases=s.decode_phases)
         params = sampler.place(model.params)
@@ -136,6 +135,15 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
     return directory
 
 
+def sampling_params(cfg: Config, tokenizer):
+    """The config's sampling settings, stopping at the tokenizer's end-of-turn token."""
+    from spin_jax.sampling import SamplingParams
+
+    s = cfg.sampling
+    return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                          top_p=s.top_p, greedy=s.greedy, stop_ids=(tokenize.end_of_turn_id(tokenizer),))
+
+
 def own_rows_without_logps(store) -> list[dict]:
     """Rows without opponent log-probs in the shards of this host's chunks (all on one host)."""
     own = set()
@@ -148,19 +156,16 @@ def own_rows_without_logps(store) -> list[dict]:
 def opponent_logps(cfg: Config, model, rows: list[dict], mesh, progress: bool = True) -> list[tuple]:
     """(logp real, logp generated) under `model` for each row, encoded exactly as training encodes
     them (same template and truncation), so stored values equal the in-step computation."""
-    from spin_jax import scoring, train
+    from spin_jax import scoring
 
     d = cfg.data
     encoded = ex.encode_rows(model.tokenizer, rows, d.max_length, d.max_prompt_length, source="store")
     batch_rows = 2 * cfg.sampling.batch_size
-    fn = train.opponent_logps_fn(model.cfg, mesh, cfg.train.vocab_chunk, batch_rows, group=2)
+    fn = scoring.logps_fn(model.cfg, mesh, cfg.train.vocab_chunk, batch_rows, group=2)
     params = sharding.shard_params(model.params, model.cfg, mesh)[0]
-    prompts = [list(e.prompt) for e in encoded]
-    responses = [list(x) for e in encoded for x in (e.real, e.generated)]  # side by side, as training
-    lp = scoring.logps_in_batches(fn, params, prompts, responses, batch_rows, model.tokenizer.pad_token_id or 0,
-                                  mesh, progress, desc="opponent log-probs",
-                                  group=2)
-    return [(float(lp[2 * i]), float(lp[2 * i + 1])) for i in range(len(encoded))]
+    lp = scoring.pair_logps(fn, params, encoded, batch_rows, model.tokenizer.pad_token_id or 0, mesh, progress,
+                            desc="opponent log-probs")
+    return [(float(real), float(gen)) for real, gen in lp]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,15 +46,26 @@ def grouped_shardings(mesh, rows: int, group: int = 1) -> dict:
     return {**{k: prompt for k in tokenize.PROMPT_KEYS}, **{k: response for k in tokenize.RESPONSE_KEYS}}
 
 
+def logps_fn(cfg, mesh, vocab_chunk: int, rows: int, group: int = 1):
+    """jit(batch_logps) with the params sharded by the rule table and grouped batches of `rows`
+    responses (`group` per prompt) over (data, fsdp): `score`, the opponent's stored log-probs
+    (group 2) and `evaluate` all score through it."""
+    from spin_jax import sharding
+
+    param_sh = sharding.tree_shardings(llama.param_axes(cfg), llama.param_shapes(cfg), mesh)
+    return jax.jit(lambda p, b: batch_logps(p, cfg, b, vocab_chunk),
+                   in_shardings=(param_sh, grouped_shardings(mesh, rows, group)),
+                   out_shardings=sharding.batch_sharding(mesh, 1, rows))
+
+
 def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2048,
                vocab_chunk: int = 0, mesh=None, progress: bool = True) -> Iterator[dict]:
     """Yield each row with "logp" and "n_tokens" added, in input order."""
     from spin_jax import sharding
 
     mesh = mesh or sharding.make_mesh()
-    params, param_sh = sharding.shard_params(model.params, model.cfg, mesh)
-    fn = jax.jit(lambda p, b: batch_logps(p, model.cfg, b, vocab_chunk),
-                 in_shardings=(param_sh, grouped_shardings(mesh, batch_size)), out_shardings=sharding.batch_sharding(mesh, 1, batch_size))
+    params = sharding.shard_params(model.params, model.cfg, mesh)[0]
+    fn = logps_fn(model.cfg, mesh, vocab_chunk, batch_size)
     tok = model.tokenizer
     prompts = [tokenize.prompt_ids(tok, r["prompt"]) for r in rows]
     responses = [tokenize.response_ids(tok, r["response"]) for r in rows]
@@ -92,6 +103,17 @@ def logps_in_batches(fn, params, prompts: list[list[int]], responses: list[list[
         # placed explicitly: with several processes, jit refuses sharded numpy inputs
         out.extend(np.asarray(fn(params, jax.device_put(packed, in_sharding)))[:n].tolist())
     return np.asarray(out, np.float64)
+
+
+def pair_logps(fn, params, encoded, rows: int, pad_id: int, mesh, progress: bool = True,
+               desc: str = "score pairs") -> np.ndarray:
+    """(logp real, logp generated) [N, 2] of SPIN examples (data.examples.Encoded), encoded as
+    training encodes them and each prompt computed once for both responses; fn is
+    logps_fn(..., rows, group=2)."""
+    prompts = [list(e.prompt) for e in encoded]
+    responses = [list(x) for e in encoded for x in (e.real, e.generated)]  # side by side, as training
+    return logps_in_batches(fn, params, prompts, responses, rows, pad_id, mesh, progress, desc,
+                            group=2).reshape(-1, 2)
 
 
 def read_jsonl(path: str, required: Iterable[str]) -> list[dict]:

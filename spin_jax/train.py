@@ -165,16 +165,6 @@ def to_microbatches(batch: dict, grad_accum: int) -> dict:
     return out
 
 
-def opponent_logps_fn(cfg: ModelConfig, mesh, vocab_chunk: int, batch_rows: int, group: int = 1):
-    """jit(batch_logps) with the params and rows sharded, for grouped batches of `batch_rows`
-    responses (`group` per prompt): used once per iteration to store the opponent's log-probs of
-    the real and generated responses (group 2), and by evaluate (group 1)."""
-    param_sh = sharding.tree_shardings(llama.param_axes(cfg), llama.param_shapes(cfg), mesh)
-    return jax.jit(lambda p, b: scoring.batch_logps(p, cfg, b, vocab_chunk),
-                   in_shardings=(param_sh, scoring.grouped_shardings(mesh, batch_rows, group)),
-                   out_shardings=sharding.batch_sharding(mesh, 1, batch_rows))
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop: resumable, checkpointed, preemption-safe.
 

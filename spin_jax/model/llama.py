@@ -63,7 +63,7 @@ def forward(params, cfg: ModelConfig, tokens, positions=None, valid=None,
 def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
                    cache: Optional[KVCache] = None, window: Optional[int] = None):
     """The final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
-    b, t = tokens.shape
+    t = tokens.shape[1]
     positions, valid = _defaults(tokens, positions, valid)
     if cache is None:
         q_slot = jnp.arange(t, dtype=jnp.int32)
