@@ -162,3 +162,32 @@ def test_shared_prompt_scoring_equals_whole_rows(arch, group):
     got = np.asarray(jax.jit(lambda p, b: scoring.batch_logps(p, cfg, b, 40))(params, grouped))
     ref = np.asarray(jax.jit(lambda p, b: scoring.batch_logps(p, cfg, b))(params, whole))
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_attention_backward_matches_torch_float64():
+    """The hand-written attention backward against torch autograd of plain softmax attention in
+    float64, on a mask with a prompt, causal responses and left-padding rows that see no valid key
+    (their output gradient is nonzero here, so the no-valid-key case is checked too)."""
+    rng = np.random.default_rng(0)
+    b, t, h, kh, e, p = 2, 5, 4, 2, 8, 2
+    s = p + t
+    q, kt, v, d_out = (rng.standard_normal(shape).astype(np.float32) for shape in
+                       ((b, t, h, e), (b, kh, e, s), (b, kh, s, e), (b, t, h, e)))
+    k_valid = np.ones((b, s), bool)
+    k_valid[1, :4] = False  # batch row 1: queries 0 and 1 (slots 2, 3) see no valid key
+    mask = (np.arange(s)[None, None, :] <= (p + np.arange(t))[None, :, None]) & k_valid[:, None, :]
+    assert not mask[1, :2].any() and mask[1, 2:].any(-1).all()
+
+    out, vjp = jax.vjp(lambda q, kt, v: llama.attention(q, kt, v, jnp.asarray(mask)), q, kt, v)
+    grads = vjp(jnp.asarray(d_out))
+
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, kt, v))
+    qg = tq.reshape(b, t, kh, h // kh, e).permute(0, 2, 3, 1, 4)  # [B, K, G, T, E]
+    scores = torch.einsum("bkgte,bkes->bkgts", qg, tk) / np.sqrt(e)
+    scores = scores.masked_fill(~torch.tensor(mask)[:, None, None], -1e300)
+    o = torch.einsum("bkgts,bkse->bkgte", torch.softmax(scores, -1), tv)
+    t_out = o.permute(0, 3, 1, 2, 4).reshape(b, t, h, e)
+    t_out.backward(torch.tensor(d_out, dtype=torch.float64))
+    assert rel_err(out, t_out.detach().numpy()) <= 1e-5
+    for ours, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        assert rel_err(ours, ref.numpy()) <= 1e-5
