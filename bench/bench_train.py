@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--response-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    ap.add_argument("--micro-pairs", type=int, default=1,
+                    help="pairs per micro-batch on both sides: a step accumulates gradients over "
+                         "pairs / micro-pairs forward/backward passes, then updates once")
     ap.add_argument("--vocab-chunk", type=int, default=0)
     ap.add_argument("--remat", default="dots", choices=("none", "full", "dots"),
                     help="spin_jax's remat policy (dots: fastest on CPU, as configs/cpu_default.yaml)")
@@ -48,13 +51,16 @@ def main() -> None:
         print("RESULT " + json.dumps(out), flush=True)
         return
     tokens = 2 * args.pairs * (args.prompt_len + args.response_len)
+    if args.pairs % args.micro_pairs:
+        sys.exit(f"--pairs {args.pairs} does not split into micro-batches of --micro-pairs {args.micro_pairs}")
     print(f"# {os.cpu_count()} CPUs; {args.pairs} pairs x {args.prompt_len + args.response_len} tokens "
-          f"= {tokens} tokens per step, fp32, {args.steps} timed steps after a warm-up")
+          f"= {tokens} tokens per step in micro-batches of {args.micro_pairs} pair(s), fp32, "
+          f"{args.steps} timed steps after a warm-up")
     results = {}
     for v in VARIANTS:
         cmd = [sys.executable, __file__, "--only", v, "--model", args.model, "--pairs", str(args.pairs),
                "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
-               "--steps", str(args.steps), "--vocab-chunk", str(args.vocab_chunk), "--remat", args.remat]
+               "--steps", str(args.steps), "--micro-pairs", str(args.micro_pairs), "--vocab-chunk", str(args.vocab_chunk), "--remat", args.remat]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -106,7 +112,7 @@ def run_jax(args, mode: str) -> dict:
     opponent = jax.device_put(m.params, sh.params) if mode == "in_step" else None
     b = batch_arrays(args, m.cfg.vocab_size)[-1]
     b["opponent_logps"] = np.full(b["tokens"].shape[0], -300.0, np.float32)
-    batch = train._global_batch(train.to_microbatches(b, 1), mesh)
+    batch = train._global_batch(train.to_microbatches(b, args.pairs // args.micro_pairs), mesh)
     t0 = time.perf_counter()
     state, metrics = step(state, opponent, batch)
     jax.block_until_ready(metrics)
@@ -138,12 +144,15 @@ def run_torch(args) -> dict:
     from spin_jax.data import tokenize
 
     prompts, real, gen, _ = batch_arrays(args, policy.config.vocab_size)
-    rows = tokenize.pack(prompts + prompts, real + gen, args.prompt_len, args.response_len)  # as the reference
-    b = {k: torch.from_numpy(v) for k, v in rows.items()}
-    n = args.pairs
+    n = args.micro_pairs
+    micros = []  # each micro-batch: its n real rows, then its n generated rows (the reference's concatenation)
+    for i in range(0, args.pairs, n):
+        ps = prompts[i:i + n]
+        rows = tokenize.pack(ps + ps, real[i:i + n] + gen[i:i + n], args.prompt_len, args.response_len)
+        micros.append({k: torch.from_numpy(v) for k, v in rows.items()})
     beta = 0.1
 
-    def logps(model, grad: bool):
+    def logps(model, b, grad: bool):
         with torch.set_grad_enabled(grad):
             logits = model(input_ids=b["tokens"].long(), attention_mask=b["valid"].long()).logits.float()
             tok = torch.gather(logits.log_softmax(-1), 2, b["labels"].long().unsqueeze(-1)).squeeze(-1)
@@ -151,13 +160,16 @@ def run_torch(args) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        pi = logps(policy, True)
-        ref = logps(opponent, False)
-        z = (pi[:n] - pi[n:]) - (ref[:n] - ref[n:])
-        loss = -F.logsigmoid(beta * z).mean()
-        loss.backward()
+        total = 0.0
+        for b in micros:  # gradient accumulation: the mean loss over all pairs
+            pi = logps(policy, b, True)
+            ref = logps(opponent, b, False)
+            z = (pi[:n] - pi[n:]) - (ref[:n] - ref[n:])
+            loss = -F.logsigmoid(beta * z).mean() / len(micros)
+            loss.backward()
+            total += float(loss)
         opt.step()
-        return float(loss)
+        return total
 
     step()
     times = []
