@@ -214,7 +214,6 @@ class Programs:
         return scoring.logps_in_batches(self.score_fn, params, prompts, responses, self.rows, self.pad_id,
                                         self.mesh, progress, desc)
 
-
     def pair_logps(self, params, pairs, progress: bool, desc: str) -> np.ndarray:
         """(logp real, logp generated) [N, 2] of encoded pairs, each prompt computed once."""
         from spin_jax import scoring

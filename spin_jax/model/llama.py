@@ -329,16 +329,20 @@ def _attention_core(q, kt, v, mask):
     """-> (out [B, K, G*T, E], probs [B, K, G*T, S] in v's dtype, scaled grouped q [B, K, G*T, E])."""
     b, t, h, e = q.shape
     kh = kt.shape[1]
-    g = h // kh
     # 1/sqrt(E) scales q, not the [rows, S] scores (exact for E a power of 4, as 1/8 for E = 64)
-    q = q.reshape(b, t, kh, g, e).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, e)
-    q = (q.astype(jnp.float32) / np.sqrt(e).astype(np.float32)).astype(kt.dtype)
+    q = (_group(q, kh).astype(jnp.float32) / np.sqrt(e).astype(np.float32)).astype(kt.dtype)
     scores = jnp.einsum("bkqe,bkes->bkqs", q, kt, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kh, g, t, -1)
+    scores = scores.reshape(b, kh, h // kh, t, -1)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, g * t, -1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, (h // kh) * t, -1)
     out = jnp.einsum("bkqs,bkse->bkqe", probs, v)  # [B, K, G*T, E]
     return out, probs, q
+
+
+def _group(x, kh):
+    """[B, T, K*G, E] -> [B, K, G*T, E]: a kv head's G query heads and T positions as rows."""
+    b, t, h, e = x.shape
+    return x.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4).reshape(b, kh, -1, e)
 
 
 def _ungroup(x, t):
@@ -358,7 +362,7 @@ def _attention_bwd(res, d_out):
     kh = kt.shape[1]
     any_key = jnp.broadcast_to(jnp.any(mask, axis=-1)[:, None, None, :], (b, 1, h // kh, t))
     any_key = any_key.reshape(b, 1, -1, 1)  # [B, 1, G*T, 1]: the row has a valid key
-    do = d_out.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4).reshape(b, kh, -1, e)
+    do = _group(d_out, kh)
     dv = jnp.einsum("bkqs,bkqe->bkse", probs, do, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkqe,bkse->bkqs", do, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
