@@ -21,6 +21,7 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU/GPU)
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # none | full | dots
+    attn_block: int = 128  # causal attention in query blocks of this many (skips keys after the block); 0: one block
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,7 +157,8 @@ def load(cfg: Config, path: str):
     from spin_jax.io.load import load_model
 
     m = cfg.model
-    return load_model(path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    return load_model(path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                      attn_block=m.attn_block)
 
 
 def heldout_rows(cfg: Config, t: int, tokenizer) -> list[dict]:

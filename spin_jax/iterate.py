@@ -45,7 +45,8 @@ def load_opponent(cfg: Config, t: int):
     from spin_jax.io.load import load_model
 
     m = cfg.model
-    return load_model(opponent_spec(cfg, t), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    return load_model(opponent_spec(cfg, t), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                      attn_block=m.attn_block)
 
 
 def prompt_rows(cfg: Config, split: str, limit: int, tokenizer) -> list[dict]:

@@ -61,8 +61,10 @@ def test_logits_match_transformers_tiny(arch, tmp_path):
     if arch == "mistral":
         assert cfg.sliding_window == 4
     tokens = np.random.default_rng(0).integers(0, 128, size=(2, 12))  # 12 > window 4
-    ours, _ = jax.jit(lambda p, t: llama.forward(p, cfg, t))(params, tokens)
-    assert rel_err(ours, torch_logits(m, tokens)) <= 1e-4
+    ref = torch_logits(m, tokens)
+    for block in (0, 5):  # whole attention; query blocks of 5, 5 and 2 against the keys they can see
+        ours, _ = jax.jit(lambda p, t: llama.forward(p, cfg.replace(attn_block=block), t))(params, tokens)
+        assert rel_err(ours, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -159,15 +161,17 @@ def test_shared_prompt_scoring_equals_whole_rows(arch, group):
     responses = [list(rng.integers(3, 128, size=rng.integers(1, 12))) for _ in range(3 * group)]
     grouped = tokenize.pack_grouped(prompts, responses, 8, 16)
     whole = tokenize.pack([p for p in prompts for _ in range(group)], responses, 8, 16)
-    got = np.asarray(jax.jit(lambda p, b: scoring.batch_logps(p, cfg, b, 40))(params, grouped))
-    ref = np.asarray(jax.jit(lambda p, b: scoring.batch_logps(p, cfg, b))(params, whole))
-    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    ref = np.asarray(jax.jit(lambda p, b: scoring.batch_logps(p, cfg.replace(attn_block=0), b))(params, whole))
+    for block in (0, 3):  # whole attention; query blocks of 3 (8 prompt and 15 response queries)
+        c = cfg.replace(attn_block=block)
+        got = np.asarray(jax.jit(lambda p, b: scoring.batch_logps(p, c, b, 40))(params, grouped))
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
 
 
 def test_attention_backward_matches_torch_float64():
     """The hand-written attention backward against torch autograd of plain softmax attention in
     float64, on a mask with a prompt, causal responses and left-padding rows that see no valid key
-    (their output gradient is nonzero here, so the no-valid-key case is checked too)."""
+    (defined to output 0; their output gradient is nonzero here, so that case is checked too)."""
     rng = np.random.default_rng(0)
     b, t, h, kh, e, p = 2, 5, 4, 2, 8, 2
     s = p + t
@@ -178,16 +182,18 @@ def test_attention_backward_matches_torch_float64():
     mask = (np.arange(s)[None, None, :] <= (p + np.arange(t))[None, :, None]) & k_valid[:, None, :]
     assert not mask[1, :2].any() and mask[1, 2:].any(-1).all()
 
-    out, vjp = jax.vjp(lambda q, kt, v: llama.attention(q, kt, v, jnp.asarray(mask)), q, kt, v)
-    grads = vjp(jnp.asarray(d_out))
+    # whole, and in query blocks of 2, 2 and 1 that each see keys up to their last query's slot
+    ours = [jax.vjp(lambda q, kt, v: llama.causal_attention(q, kt, v, jnp.asarray(mask), p, block), q, kt, v)
+            for block in (0, 2)]
 
     tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, kt, v))
     qg = tq.reshape(b, t, kh, h // kh, e).permute(0, 2, 3, 1, 4)  # [B, K, G, T, E]
     scores = torch.einsum("bkgte,bkes->bkgts", qg, tk) / np.sqrt(e)
     scores = scores.masked_fill(~torch.tensor(mask)[:, None, None], -1e300)
     o = torch.einsum("bkgts,bkse->bkgte", torch.softmax(scores, -1), tv)
-    t_out = o.permute(0, 3, 1, 2, 4).reshape(b, t, h, e)
+    t_out = o.permute(0, 3, 1, 2, 4).reshape(b, t, h, e) * torch.tensor(mask.any(-1))[:, :, None, None]
     t_out.backward(torch.tensor(d_out, dtype=torch.float64))
-    assert rel_err(out, t_out.detach().numpy()) <= 1e-5
-    for ours, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
-        assert rel_err(ours, ref.numpy()) <= 1e-5
+    for out, vjp in ours:
+        assert rel_err(out, t_out.detach().numpy()) <= 1e-5
+        for got, ref in zip(vjp(jnp.asarray(d_out)), (tq.grad, tk.grad, tv.grad)):
+            assert rel_err(got, ref.numpy()) <= 1e-5

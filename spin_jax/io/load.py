@@ -48,7 +48,7 @@ def resolve_model_path(spec: str) -> str:
 
 
 def load_model(spec: str, dtype: str | None = None, param_dtype: str | None = None,
-               remat: str | None = None) -> LoadedModel:
+               remat: str | None = None, attn_block: int | None = None) -> LoadedModel:
     from spin_jax.io import gguf_io, hf, tokenizer
 
     path = resolve_model_path(spec)
@@ -58,8 +58,8 @@ def load_model(spec: str, dtype: str | None = None, param_dtype: str | None = No
     else:
         cfg, params, _ = gguf_io.read_gguf(path)
         tok = tokenizer.tokenizer_from_gguf(path)
-    overrides = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, remat=remat).items()
-                 if v is not None}
+    overrides = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attn_block=attn_block)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     return LoadedModel(cfg.replace(**overrides), params, tok, path)
 
 

@@ -35,6 +35,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
+    attn_block: int = 128  # queries per block of causal attention without a cache (0: one block)
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:

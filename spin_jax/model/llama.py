@@ -156,7 +156,10 @@ def _layers(params, cfg: ModelConfig, tokens, positions, mask, cache: Optional[K
                 cv = jax.lax.dynamic_update_index_in_dim(cv, lv, i, 0)
             w = ck.shape[-1] if window is None else window
             kt, v = lk[..., :w].astype(dtype), lv[:, :, :w].astype(dtype)
-        attn = attention(q, kt, v, mask)  # [B, T, H, E]
+        if ck is None:  # query slot i sees key slots <= off + i: skip the keys past each query block
+            attn = causal_attention(q, kt, v, mask, kt.shape[-1] - t_, cfg.attn_block)
+        else:
+            attn = attention(q, kt, v, mask)  # [B, T, H, E]
         x = x + (attn.reshape(b_ * t_, -1) @ lp["wo"].reshape(-1, d_)).reshape(x.shape)
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).reshape(b_ * t_, -1)  # 2-D matmuls
         gate, up = h @ lp["w_gate"], h @ lp["w_up"]
@@ -309,6 +312,23 @@ def attention_mask(cfg: ModelConfig, q_slot, q_pos, k_slot, k_pos, k_valid):
     return mask
 
 
+def causal_attention(q, kt, v, mask, offset: int, block: int):
+    """`attention` where query t sits at key slot offset + t and sees no later slot (the mask says
+    so too): queries go in blocks of `block`, each against the keys up to its last query's slot,
+    so most of the masked upper triangle is not computed (block 128 with 256 prompt and 256 response
+    tokens: 15% less attention work, a ~5% faster SmolLM2 train step on CPU). Exact: it only drops
+    keys that every query of the block masks. block <= 0: one block."""
+    t = q.shape[1]
+    if block <= 0 or block >= t:
+        return attention(q, kt, v, mask)
+    outs = []
+    for a in range(0, t, block):
+        b = min(a + block, t)
+        s = offset + b
+        outs.append(attention(q[:, a:b], kt[..., :s], v[:, :, :s], mask[:, a:b, :s]))
+    return jnp.concatenate(outs, axis=1)
+
+
 @jax.custom_vjp
 def attention(q, kt, v, mask):
     """Grouped-query attention. q [B,T,H,E], keys kt [B,K,E,S] (transposed, the KV cache's layout),
@@ -318,25 +338,31 @@ def attention(q, kt, v, mask):
     are stacked as G*T rows against the group's keys. In decode (T = 1) q needs no transpose, and
     keys stored [E, S] make q·k a plain [G, E] x [E, S] product, ~1.7x faster on XLA:CPU than [S, E].
 
+    A query with no valid key (left padding) outputs 0, whatever keys it is shown, so attending in
+    query blocks (`causal_attention`) is exact there too; such rows feed no valid token.
+
     The backward is written by hand (FlashAttention's, untiled): dS = P * (dP - rowsum(dO * O)),
     a [rows, E] reduction in place of autodiff's [rows, S] one, and no select through the mask: P
-    is exactly 0 at masked keys of any row with a valid key; rows with none (left padding) get
-    dS = 0, as autodiff gives them. Equal to autodiff of the plain softmax attention (tested)."""
+    is exactly 0 at masked keys of any row with a valid key, and rows with none have dO = 0 (their
+    output is the constant 0). Equal to autodiff of the plain softmax attention (tested)."""
     return _attention_fwd(q, kt, v, mask)[0]
 
 
 def _attention_core(q, kt, v, mask):
-    """-> (out [B, K, G*T, E], probs [B, K, G*T, S] in v's dtype, scaled grouped q [B, K, G*T, E])."""
+    """-> (out [B, K, G*T, E], probs [B, K, G*T, S] in v's dtype, scaled grouped q [B, K, G*T, E],
+    any_key [B, 1, G*T, 1]: the row has a valid key)."""
     b, t, h, e = q.shape
     kh = kt.shape[1]
+    any_key = jnp.broadcast_to(jnp.any(mask, axis=-1)[:, None, None, :], (b, 1, h // kh, t))
+    any_key = any_key.reshape(b, 1, -1, 1)
     # 1/sqrt(E) scales q, not the [rows, S] scores (exact for E a power of 4, as 1/8 for E = 64)
     q = (_group(q, kh).astype(jnp.float32) / np.sqrt(e).astype(np.float32)).astype(kt.dtype)
     scores = jnp.einsum("bkqe,bkes->bkqs", q, kt, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kh, h // kh, t, -1)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, (h // kh) * t, -1)
-    out = jnp.einsum("bkqs,bkse->bkqe", probs, v)  # [B, K, G*T, E]
-    return out, probs, q
+    out = jnp.einsum("bkqs,bkse->bkqe", probs, v) * any_key.astype(v.dtype)  # [B, K, G*T, E]
+    return out, probs, q, any_key
 
 
 def _group(x, kh):
@@ -352,21 +378,19 @@ def _ungroup(x, t):
 
 
 def _attention_fwd(q, kt, v, mask):
-    out, probs, qs = _attention_core(q, kt, v, mask)
-    return _ungroup(out, q.shape[1]), (qs, kt, v, probs, out, mask)
+    out, probs, qs, any_key = _attention_core(q, kt, v, mask)
+    return _ungroup(out, q.shape[1]), (qs, kt, v, probs, out, any_key)
 
 
 def _attention_bwd(res, d_out):
-    qs, kt, v, probs, out, mask = res
+    qs, kt, v, probs, out, any_key = res
     b, t, h, e = d_out.shape
     kh = kt.shape[1]
-    any_key = jnp.broadcast_to(jnp.any(mask, axis=-1)[:, None, None, :], (b, 1, h // kh, t))
-    any_key = any_key.reshape(b, 1, -1, 1)  # [B, 1, G*T, 1]: the row has a valid key
-    do = _group(d_out, kh)
+    do = _group(d_out, kh) * any_key.astype(d_out.dtype)  # rows with no valid key output a constant
     dv = jnp.einsum("bkqs,bkqe->bkse", probs, do, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkqe,bkse->bkqs", do, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = jnp.where(any_key, probs.astype(jnp.float32) * (dp - delta), 0.0).astype(qs.dtype)  # d scores
+    ds = (probs.astype(jnp.float32) * (dp - delta)).astype(qs.dtype)  # d scores
     dq = jnp.einsum("bkqs,bkes->bkqe", ds, kt, preferred_element_type=jnp.float32) / np.sqrt(e).astype(np.float32)
     dkt = jnp.einsum("bkqe,bkqs->bkes", qs, ds, preferred_element_type=jnp.float32)
     return (_ungroup(dq, t).astype(d_out.dtype), dkt.astype(kt.dtype), dv.astype(v.dtype), None)
