@@ -14,6 +14,7 @@ def main(argv=None) -> None:
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(2)
+    enable_compile_cache()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
@@ -22,6 +23,25 @@ def main(argv=None) -> None:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"spin-jax {args.command}: error: {msg}", file=sys.stderr)
         sys.exit(1)
+
+
+def enable_compile_cache() -> None:
+    """JAX's persistent compilation cache, so a rerun, a resumed run or the next iteration loads
+    the sampler's, scorer's and train step's compiled programs instead of compiling them again.
+    Directory: $JAX_COMPILATION_CACHE_DIR if set, else $SPIN_JAX_COMPILE_CACHE, else
+    ~/.cache/spin_jax/xla ($XDG_CACHE_HOME is honoured); SPIN_JAX_COMPILE_CACHE=off turns it off.
+    Only programs that took at least a second to compile are stored."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return  # JAX reads it itself
+    path = os.environ.get("SPIN_JAX_COMPILE_CACHE", "")
+    if path.lower() in ("off", "0", "false", "none"):
+        return
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "spin_jax", "xla")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
 
 
 def build_parser() -> argparse.ArgumentParser:

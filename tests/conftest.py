@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SPIN_JAX_COMPILE_CACHE", "off")  # no compiled programs in ~/.cache from tests
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

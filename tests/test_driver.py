@@ -22,6 +22,17 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """The CLI runs of this module share a persistent compilation cache that stores every program,
+    so reruns (the kill -9 resume, iteration 1) load compiled programs from it."""
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPIN_JAX_COMPILE_CACHE", path)
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield path
+
+
 def overrides(model_dir, data_dir, runs_dir, run="r"):
     return ["--set", f"model.name={model_dir}", "--set", f"data.data_dir={data_dir}",
             "--set", f"runs_dir={runs_dir}", "--set", f"run_name={run}"]
@@ -44,10 +55,12 @@ def final_tensors(runs_dir, run, t=0):
     return load_file(os.path.join(runs_dir, run, f"iter{t}", "model", "model.safetensors"))
 
 
-def test_kill_9_then_rerun_equals_uninterrupted_run(tiny_model_dir, data_dir, tmp_path):
+def test_kill_9_then_rerun_equals_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, compile_cache):
     base = ["train", "--config", "configs/tiny_test.yaml", "--iter", "0", "--set", "train.epochs=4"]
     runs = str(tmp_path / "runs")
     run_ok(base + overrides(tiny_model_dir, data_dir, runs, "full"))
+    stored = set(os.listdir(compile_cache))
+    assert any("train_step" in f for f in stored), stored  # the resumed run below loads it from here
     full = final_tensors(runs, "full")
     summary = json.load(open(os.path.join(runs, "full", "iter0", "summary.json")))
     assert summary["steps"] == 8 and summary["skipped_updates"] == 0
