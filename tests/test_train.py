@@ -115,16 +115,21 @@ def tiny():
     return cfg, policy, opponent
 
 
-def test_train_step_gradient_matches_plain_jax_grad(tiny):
+@pytest.mark.parametrize("remat,attn_block", [("none", 0), ("dots", 3), ("full", 3)])
+def test_train_step_gradient_matches_plain_jax_grad(tiny, remat, attn_block):
+    """Each remat policy (dots saves the projections and attention's output and log-sum-exp) and
+    query-blocked attention give the plain reference's gradient (no remat, one attention block)."""
     cfg, policy, opponent = tiny
+    step_cfg = cfg.replace(remat=remat, attn_block=attn_block)
     tcfg = TrainSection(beta=0.1, opponent_logps="in_step", vocab_chunk=48)
     batch = make_batch(cfg, n_pairs=4, grad_accum=2)
     tx = optax.sgd(1.0)  # new = old - grad: the update exposes the gradient
     state = train.init_state(policy, tx)
-    new_state, metrics = jax.jit(lambda s, o, b: train.train_step(s, o, b, cfg=cfg, tcfg=tcfg, tx=tx))(
+    new_state, metrics = jax.jit(lambda s, o, b: train.train_step(s, o, b, cfg=step_cfg, tcfg=tcfg, tx=tx))(
         state, opponent, batch)
     # the reference runs whole concatenated rows: it checks the shared-prompt forward too
-    ref_loss, ref_grads = jax.value_and_grad(plain_loss)(policy, opponent, cfg, full_rows(cfg, 4), 0.1)
+    ref_loss, ref_grads = jax.value_and_grad(plain_loss)(policy, opponent, cfg.replace(attn_block=0),
+                                                         full_rows(cfg, 4), 0.1)
     got_grads = jax.tree.map(lambda a, b: a - b, policy, new_state.params)
     np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5)
     for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):

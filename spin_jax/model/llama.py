@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from spin_jax.model.config import ModelConfig
 
@@ -341,28 +342,40 @@ def attention(q, kt, v, mask):
     A query with no valid key (left padding) outputs 0, whatever keys it is shown, so attending in
     query blocks (`causal_attention`) is exact there too; such rows feed no valid token.
 
-    The backward is written by hand (FlashAttention's, untiled): dS = P * (dP - rowsum(dO * O)),
-    a [rows, E] reduction in place of autodiff's [rows, S] one, and no select through the mask: P
-    is exactly 0 at masked keys of any row with a valid key, and rows with none have dO = 0 (their
-    output is the constant 0). Equal to autodiff of the plain softmax attention (tested)."""
+    The backward is written by hand (FlashAttention's, untiled): it keeps O and each row's
+    log-sum-exp (under remat "dots" these are saved, not recomputed), recomputes P = exp(S - lse)
+    with one matmul and one exp (no max/sum passes, no P.V), and takes dS = P * (dP - rowsum(dO * O)),
+    a [rows, E] reduction in place of autodiff's [rows, S] one. P is exactly 0 at masked keys of
+    any row with a valid key, and rows with none have dO = 0 (their output is the constant 0).
+    Equal to autodiff of the plain softmax attention (tested)."""
     return _attention_fwd(q, kt, v, mask)[0]
 
 
 def _attention_core(q, kt, v, mask):
-    """-> (out [B, K, G*T, E], probs [B, K, G*T, S] in v's dtype, scaled grouped q [B, K, G*T, E],
-    any_key [B, 1, G*T, 1]: the row has a valid key)."""
+    """-> (out [B, K, G*T, E], log-sum-exp of each row's masked scores [B, K, G, T], scaled grouped
+    q [B, K, G*T, E], any_key [B, 1, G*T, 1]: the row has a valid key)."""
     b, t, h, e = q.shape
     kh = kt.shape[1]
     any_key = jnp.broadcast_to(jnp.any(mask, axis=-1)[:, None, None, :], (b, 1, h // kh, t))
     any_key = any_key.reshape(b, 1, -1, 1)
     # 1/sqrt(E) scales q, not the [rows, S] scores (exact for E a power of 4, as 1/8 for E = 64)
     q = (_group(q, kh).astype(jnp.float32) / np.sqrt(e).astype(np.float32)).astype(kt.dtype)
-    scores = jnp.einsum("bkqe,bkes->bkqs", q, kt, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kh, h // kh, t, -1)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, (h // kh) * t, -1)
+    scores = _masked_scores(q, kt, mask)
+    m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    p = jnp.exp(scores - m)
+    s = jnp.sum(p, axis=-1, keepdims=True)
+    probs = (p / s).astype(v.dtype).reshape(b, kh, (h // kh) * t, -1)
     out = jnp.einsum("bkqs,bkse->bkqe", probs, v) * any_key.astype(v.dtype)  # [B, K, G*T, E]
-    return out, probs, q, any_key
+    return out, (m + jnp.log(s))[..., 0], q, any_key
+
+
+def _masked_scores(qs, kt, mask):
+    """Scaled grouped q [B, K, G*T, E] x keys [B, K, E, S] -> fp32 scores [B, K, G, T, S], masked."""
+    b, kh = kt.shape[:2]
+    t = mask.shape[1]
+    scores = jnp.einsum("bkqe,bkes->bkqs", qs, kt, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kh, -1, t, scores.shape[-1])
+    return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
 
 def _group(x, kh):
@@ -378,19 +391,22 @@ def _ungroup(x, t):
 
 
 def _attention_fwd(q, kt, v, mask):
-    out, probs, qs, any_key = _attention_core(q, kt, v, mask)
-    return _ungroup(out, q.shape[1]), (qs, kt, v, probs, out, any_key)
+    out, lse, qs, any_key = _attention_core(q, kt, v, mask)
+    out, lse = checkpoint_name(out, "attn_out"), checkpoint_name(lse, "attn_lse")
+    return _ungroup(out, q.shape[1]), (qs, kt, v, mask, out, lse, any_key)
 
 
 def _attention_bwd(res, d_out):
-    qs, kt, v, probs, out, any_key = res
+    qs, kt, v, mask, out, lse, any_key = res
     b, t, h, e = d_out.shape
     kh = kt.shape[1]
+    # P recomputed from the saved log-sum-exp: one matmul and one exp, no max/sum passes and no P.V
+    probs = jnp.exp(_masked_scores(qs, kt, mask) - lse[..., None]).reshape(b, kh, -1, kt.shape[-1])
     do = _group(d_out, kh) * any_key.astype(d_out.dtype)  # rows with no valid key output a constant
-    dv = jnp.einsum("bkqs,bkqe->bkse", probs, do, preferred_element_type=jnp.float32)
+    dv = jnp.einsum("bkqs,bkqe->bkse", probs.astype(v.dtype), do, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkqe,bkse->bkqs", do, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = (probs.astype(jnp.float32) * (dp - delta)).astype(qs.dtype)  # d scores
+    ds = (probs * (dp - delta)).astype(qs.dtype)  # d scores
     dq = jnp.einsum("bkqs,bkes->bkqe", ds, kt, preferred_element_type=jnp.float32) / np.sqrt(e).astype(np.float32)
     dkt = jnp.einsum("bkqe,bkqs->bkes", qs, ds, preferred_element_type=jnp.float32)
     return (_ungroup(dq, t).astype(d_out.dtype), dkt.astype(kt.dtype), dv.astype(v.dtype), None)
@@ -404,4 +420,8 @@ def _remat(fn, policy: str):
         return fn
     if policy == "full":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    # projection outputs, and attention's output and log-sum-exp (its backward recomputes P from them)
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attn_out", "attn_lse"))
+    return jax.checkpoint(fn, policy=policy)
