@@ -88,10 +88,9 @@ def main() -> None:
         print(f"best {v:16s} {results[v]['tok_s']:8.1f} tok/s  step {results[v]['step_s']:6.2f}s  "
               f"peak RSS {results[v]['peak_rss_gib']:.2f} GiB", flush=True)
     base = results["torch"]["tok_s"]
+    tok_s = {(r["variant"], r["round"]): r["tok_s"] for r in runs}
     for v in VARIANTS[1:]:
-        per_round = [next(r["tok_s"] for r in runs if r["variant"] == v and r["round"] == k) /
-                     next(r["tok_s"] for r in runs if r["variant"] == "torch" and r["round"] == k)
-                     for k in range(1, args.rounds + 1)]
+        per_round = [tok_s[v, k] / tok_s["torch", k] for k in range(1, args.rounds + 1)]
         print(f"ratio {v} / torch: {results[v]['tok_s'] / base:.2f}x (best against best; per round: "
               + ", ".join(f"{x:.2f}x" for x in per_round) + ")")
     if args.json:

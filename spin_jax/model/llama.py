@@ -361,7 +361,7 @@ def _attention_core(q, kt, v, mask):
     # 1/sqrt(E) scales q, not the [rows, S] scores (exact for E a power of 4, as 1/8 for E = 64)
     q = (_group(q, kh).astype(jnp.float32) / np.sqrt(e).astype(np.float32)).astype(kt.dtype)
     scores = _masked_scores(q, kt, mask)
-    m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    m = jnp.max(scores, axis=-1, keepdims=True)  # never differentiated: the backward is _attention_bwd
     p = jnp.exp(scores - m)
     s = jnp.sum(p, axis=-1, keepdims=True)
     probs = (p / s).astype(v.dtype).reshape(b, kh, (h // kh) * t, -1)
