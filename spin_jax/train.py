@@ -120,15 +120,27 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes
                 for k in BATCH_KEYS + ("opponent_logps",)}
     fn = functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx)
     out_sh = (state_sh, sharding.replicated(mesh))
+    options = compiler_options(mesh)
     if tcfg.opponent_logps == "in_step":
         return jax.jit(fn, in_shardings=(state_sh, param_sh, batch_sh), out_shardings=out_sh,
-                       donate_argnums=(0,))
+                       donate_argnums=(0,), compiler_options=options)
     def train_step_precomputed(state, batch):  # named: the compiled program is jit_train_step_precomputed
         return fn(state, None, batch)
 
     jitted = jax.jit(train_step_precomputed, in_shardings=(state_sh, batch_sh), out_shardings=out_sh,
-                     donate_argnums=(0,))
+                     donate_argnums=(0,), compiler_options=options)
     return lambda state, opponent_params, batch: jitted(state, batch)
+
+
+# XLA:CPU hands dots and reductions to YNNPACK by default (the same as XLA_FLAGS=
+# --xla_cpu_experimental_ynn_fusion_type=-reduce): XLA's own loops do the reductions faster here (the
+# vocab log-sum-exp's exp-and-sum: 39 vs 65 ms at [512, 49152]); see bench/RESULTS.md.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def compiler_options(mesh):
+    """XLA options for the train step: CPU_COMPILER_OPTIONS on CPU devices, none elsewhere."""
+    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
 
 
 def state_shardings(cfg: ModelConfig, mesh, state_shapes: TrainState) -> TrainState:

@@ -69,7 +69,7 @@ def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
     if cache is None:
         q_slot = jnp.arange(t, dtype=jnp.int32)
         mask = attention_mask(cfg, q_slot, positions, q_slot, positions, valid)  # [B, T, T]
-        x, _, _ = _layers(params, cfg, tokens, positions, mask)
+        x, _ = _layers(params, cfg, tokens, positions, mask)
         return x, None
     q_slot = cache.index + jnp.arange(t, dtype=jnp.int32)
     k_pos = jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (0, cache.index))
@@ -77,7 +77,7 @@ def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
     w = cache.pos.shape[1] if window is None else window
     mask = attention_mask(cfg, q_slot, positions, jnp.arange(w, dtype=jnp.int32), k_pos[:, :w],
                           k_valid[:, :w])  # [B, T, W]
-    x, (ck, cv), _ = _layers(params, cfg, tokens, positions, mask, cache=cache, window=window)
+    x, (ck, cv) = _layers(params, cfg, tokens, positions, mask, cache=cache, window=window)
     return x, KVCache(ck, cv, k_pos, k_valid, cache.index + t)
 
 
@@ -89,19 +89,43 @@ def forward_shared_prefix(params, cfg: ModelConfig, prefix, prefix_positions, pr
     j continuing prefix j // g (SPIN: g = 2, a prompt's real and generated responses). Equal to a
     forward over each row's concatenation [prefix, tokens], with the prefix's hidden states and
     keys/values computed once instead of g times. Returns (prefix hidden [N, P, D], hidden [gN, T, D]).
+
+    One layer scan carries a prompt and its continuations side by side as one row [N, P + gT, D]:
+    the projections and the MLP are single matmuls over all of them, and attention runs per part
+    (the prefix causally on itself, each continuation on its prefix's keys and its own). Against a
+    scan over the prefixes and then one over the continuations (the prefix's keys/values stacked for
+    all layers in between) this slices each layer's weights and writes its gradients once, not twice.
     """
     n, p = prefix.shape
     g, t = tokens.shape[0] // n, tokens.shape[1]
     slot = jnp.arange(p, dtype=jnp.int32)
-    mask = attention_mask(cfg, slot, prefix_positions, slot, prefix_positions, prefix_valid)
-    hp, _, (pk, pv) = _layers(params, cfg, prefix, prefix_positions, mask, collect_kv=True)
+    mask_p = attention_mask(cfg, slot, prefix_positions, slot, prefix_positions, prefix_valid)
     rep = lambda a: jnp.repeat(a, g, axis=0)  # noqa: E731  prefix rows -> their continuations' rows
     k_pos = jnp.concatenate([rep(prefix_positions), positions], axis=1)
     k_valid = jnp.concatenate([rep(prefix_valid), valid], axis=1)
-    mask = attention_mask(cfg, p + jnp.arange(t, dtype=jnp.int32), positions,
-                          jnp.arange(p + t, dtype=jnp.int32), k_pos, k_valid)  # [gN, T, P + T]
-    x, _, _ = _layers(params, cfg, tokens, positions, mask, prefix_kv=(pk, pv, g))
-    return hp, x
+    mask_c = attention_mask(cfg, p + jnp.arange(t, dtype=jnp.int32), positions,
+                            jnp.arange(p + t, dtype=jnp.int32), k_pos, k_valid)  # [gN, T, P + T]
+    dtype = jnp.dtype(cfg.dtype)
+    embed = params["embed"].astype(dtype)
+    side = lambda a: a.reshape(n, g * t, *a.shape[2:])  # noqa: E731  [gN, T, ...] -> [N, gT, ...]
+    rows = lambda a: a.reshape(g * n, t, *a.shape[2:])  # noqa: E731  [N, gT, ...] -> [gN, T, ...]
+    x = jnp.concatenate([embed[prefix], side(embed[tokens])], axis=1)  # [N, P + gT, D]
+    cos, sin = rope_tables(cfg, jnp.concatenate([prefix_positions, side(positions)], axis=1))
+
+    def layer(x, lp):
+        lp = jax.tree.map(lambda a: a.astype(dtype), lp)
+        q, k, v = _qkv(cfg, lp, x, cos, sin)  # [N, P + gT, heads, E]
+        kt_p, v_p = _kv_layout(k[:, :p], v[:, :p])
+        kt_c, v_c = _kv_layout(rows(k[:, p:]), rows(v[:, p:]))
+        attn_p = causal_attention(q[:, :p], kt_p, v_p, mask_p, 0, cfg.attn_block)
+        kt = jnp.concatenate([rep(kt_p), kt_c], axis=-1)
+        v = jnp.concatenate([rep(v_p), v_c], axis=-2)
+        attn_c = causal_attention(rows(q[:, p:]), kt, v, mask_c, p, cfg.attn_block)
+        return _attn_out_mlp(cfg, lp, x, jnp.concatenate([attn_p, side(attn_c)], axis=1)), None
+
+    x, _ = jax.lax.scan(_remat(layer, cfg.remat), x, params["layers"])
+    x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    return x[:, :p], rows(x[:, p:])
 
 
 def _defaults(tokens, positions, valid):
@@ -114,11 +138,9 @@ def _defaults(tokens, positions, valid):
 
 
 def _layers(params, cfg: ModelConfig, tokens, positions, mask, cache: Optional[KVCache] = None,
-            window: Optional[int] = None, prefix_kv=None, collect_kv: bool = False):
-    """Embedding, the decoder layers under lax.scan, final norm. Attention keys are, in order: the
-    prefix's (prefix_kv = (k [L,N,K,E,P], v [L,N,K,P,E], g), each row repeated g times), the
-    cache's window, or the tokens' own. Returns (hidden [B, T, D], (cache k, cache v) or
-    (None, None), the tokens' own per-layer (k, v) when collect_kv else None)."""
+            window: Optional[int] = None):
+    """Embedding, the decoder layers under lax.scan, final norm. Attention keys are the cache's
+    window or the tokens' own. Returns (hidden [B, T, D], (cache k, cache v) or (None, None))."""
     t = tokens.shape[1]
     dtype = jnp.dtype(cfg.dtype)
     x = params["embed"].astype(dtype)[tokens]  # [B, T, D]
@@ -126,23 +148,11 @@ def _layers(params, cfg: ModelConfig, tokens, positions, mask, cache: Optional[K
 
     def layer(carry, xs):
         x, ck, cv = carry
-        lp, i, pre = xs
+        lp, i = xs
         lp = jax.tree.map(lambda a: a.astype(dtype), lp)
-        b_, t_, d_ = x.shape
-        # Token-major activations [B, T, heads, E]; every projection is a plain 2-D [B*T, D]
-        # matmul (3-D einsums make XLA:CPU transpose gradients through slow fused copies).
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).reshape(b_ * t_, d_)
-        q, k, v = (jnp.matmul(h, lp[n].reshape(d_, -1)).reshape(b_, t_, *lp[n].shape[1:])
-                   for n in ("wq", "wk", "wv"))
-        if cfg.attention_bias:
-            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kt, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))  # [B,K,E,T], [B,K,T,E]
-        own = (kt, v) if collect_kv else None
-        if pre is not None:
-            pk, pv = (jnp.repeat(a.astype(dtype), prefix_kv[2], axis=0) for a in pre)
-            kt, v = jnp.concatenate([pk, kt], axis=-1), jnp.concatenate([pv, v], axis=-2)
-        elif ck is not None:
+        q, k, v = _qkv(cfg, lp, x, cos, sin)
+        kt, v = _kv_layout(k, v)
+        if ck is not None:
             kt, v = kt.astype(ck.dtype), v.astype(cv.dtype)
             if t == 1:  # decode: write one slot in place, then read the layer back
                 ck = jax.lax.dynamic_update_slice(ck, kt[None], (i, 0, 0, 0, cache.index))
@@ -157,23 +167,44 @@ def _layers(params, cfg: ModelConfig, tokens, positions, mask, cache: Optional[K
                 cv = jax.lax.dynamic_update_index_in_dim(cv, lv, i, 0)
             w = ck.shape[-1] if window is None else window
             kt, v = lk[..., :w].astype(dtype), lv[:, :, :w].astype(dtype)
-        if ck is None:  # query slot i sees key slots <= off + i: skip the keys past each query block
-            attn = causal_attention(q, kt, v, mask, kt.shape[-1] - t_, cfg.attn_block)
-        else:
             attn = attention(q, kt, v, mask)  # [B, T, H, E]
-        x = x + (attn.reshape(b_ * t_, -1) @ lp["wo"].reshape(-1, d_)).reshape(x.shape)
-        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).reshape(b_ * t_, -1)  # 2-D matmuls
-        gate, up = h @ lp["w_gate"], h @ lp["w_up"]
-        x = x + ((jax.nn.silu(gate) * up) @ lp["w_down"]).reshape(x.shape)
-        return (x, ck, cv), own
+        else:  # query slot i sees key slots <= i: skip the keys past each query block
+            attn = causal_attention(q, kt, v, mask, 0, cfg.attn_block)
+        return (_attn_out_mlp(cfg, lp, x, attn), ck, cv), None
 
     layer = _remat(layer, cfg.remat)
     ck, cv = (cache.k, cache.v) if cache is not None else (None, None)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    pre = prefix_kv[:2] if prefix_kv is not None else None
-    (x, ck, cv), own = jax.lax.scan(layer, (x, ck, cv), (params["layers"], layer_ids, pre))
+    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), (params["layers"], layer_ids))
     x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
-    return x, (ck, cv), own
+    return x, (ck, cv)
+
+
+def _qkv(cfg: ModelConfig, lp, x, cos, sin):
+    """A layer's queries, keys and values [B, T, heads, E] (RoPE applied) from x [B, T, D].
+    Token-major activations; every projection is a plain 2-D [B*T, D] matmul (3-D einsums make
+    XLA:CPU transpose gradients through slow fused copies)."""
+    b, t, d = x.shape
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).reshape(b * t, d)
+    q, k, v = (jnp.matmul(h, lp[n].reshape(d, -1)).reshape(b, t, *lp[n].shape[1:])
+               for n in ("wq", "wk", "wv"))
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _kv_layout(k, v):
+    """[B, T, K, E] keys and values -> keys transposed [B, K, E, T] and values [B, K, T, E]."""
+    return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+
+
+def _attn_out_mlp(cfg: ModelConfig, lp, x, attn):
+    """The rest of a layer: x + attention's output projection, then x + the gated MLP."""
+    b, t, d = x.shape
+    x = x + (attn.reshape(b * t, -1) @ lp["wo"].reshape(-1, d)).reshape(x.shape)
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).reshape(b * t, -1)  # 2-D matmuls
+    gate, up = h @ lp["w_gate"], h @ lp["w_up"]
+    return x + ((jax.nn.silu(gate) * up) @ lp["w_down"]).reshape(x.shape)
 
 
 def logits_from_hidden(params, cfg: ModelConfig, hidden):
