@@ -132,9 +132,10 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes
     return lambda state, opponent_params, batch: jitted(state, batch)
 
 
-# XLA:CPU hands dots and reductions to YNNPACK by default (the same as XLA_FLAGS=
-# --xla_cpu_experimental_ynn_fusion_type=-reduce): XLA's own loops do the reductions faster here (the
-# vocab log-sum-exp's exp-and-sum: 39 vs 65 ms at [512, 49152]); see bench/RESULTS.md.
+# XLA:CPU hands dots and reductions to YNNPACK by default; this keeps YNNPACK for dots only (the
+# same program as XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce), because XLA's own loops
+# do the reductions faster here (the vocab log-sum-exp's exp-and-sum: 39 vs 65 ms at [512, 49152]);
+# see bench/RESULTS.md.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
