@@ -20,19 +20,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
 
-    import spin_jax.model.llama as llama
     from spin_jax.io.load import load_model
+    from spin_jax.model import cache as cache_lib
+    from spin_jax.model import transformer
 
     m = load_model("smollm2-135m-instruct")
     cfg, b = m.cfg, args.batch
     params = jax.device_put(m.params)
-    full_attention = llama.attention
+    full_attention = transformer.attention
 
     def step_ms(attention) -> float:
-        llama.attention = attention
+        transformer.attention = attention
         try:
-            step = jax.jit(lambda p, t, pos, c: llama.forward(p, cfg, t, pos, cache=c), donate_argnums=(3,))
-            cache = llama.init_cache(cfg, b, args.cache)
+            step = jax.jit(lambda p, t, pos, c: transformer.forward(p, cfg, t, pos, cache=c), donate_argnums=(3,))
+            cache = cache_lib.init_cache(cfg, b, args.cache)
             tok, pos = jnp.ones((b, 1), jnp.int32), jnp.zeros((b, 1), jnp.int32)
             logits, cache = step(params, tok, pos, cache)
             jax.block_until_ready(logits)
@@ -42,7 +43,7 @@ def main() -> None:
             jax.block_until_ready(logits)
             return (time.perf_counter() - t0) / args.steps * 1e3
         finally:
-            llama.attention = full_attention
+            transformer.attention = full_attention
 
     def matmuls(p, x):  # the same weights, no norms, rope, cache or attention
         def layer(x, lp):

@@ -22,6 +22,7 @@ the per-round ratios), and peak memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -65,7 +66,7 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs; {args.pairs} pairs x {args.prompt_len + args.response_len} tokens "
           f"= {tokens} tokens per step in micro-batches of {args.micro_pairs} pair(s), fp32, "
           f"{args.steps} timed steps after a warm-up")
-    results, runs = {}, []
+    runs = []
     for rnd in range(args.rounds):  # A B C, then C B A, ...: a slow spell of the machine hits both sides
         for v in (VARIANTS if rnd % 2 == 0 else VARIANTS[::-1]):
             cmd = [sys.executable, __file__, "--only", v, "--model", args.model, "--pairs", str(args.pairs),
@@ -83,23 +84,13 @@ def main() -> None:
             print(f"round {rnd + 1} {v:16s} {r['tok_s']:8.1f} tok/s  step {r['step_s']:6.2f}s  "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB"
                   + (f"  compile {r['compile_s']:.1f}s" if "compile_s" in r else ""), flush=True)
-    for v in VARIANTS:  # each variant's fastest step over the rounds; its largest peak RSS
-        mine = [r for r in runs if r["variant"] == v]
-        results[v] = dict(min(mine, key=lambda r: r["step_s"]),
-                          peak_rss_gib=max(r["peak_rss_gib"] for r in mine))
+    results, ratios = summarize_runs(runs, args.rounds)
+    for v in VARIANTS:
         print(f"best {v:16s} {results[v]['tok_s']:8.1f} tok/s  step {results[v]['step_s']:6.2f}s  "
               f"peak RSS {results[v]['peak_rss_gib']:.2f} GiB", flush=True)
-    base = results["torch"]["tok_s"]
-    tok_s = {(r["variant"], r["round"]): r["tok_s"] for r in runs}
-    ratios = {}
-    for v in VARIANTS[1:]:
-        per_round = [tok_s[v, k] / tok_s["torch", k] for k in range(1, args.rounds + 1)]
-        # the median of the per-round ratios: each compares runs minutes apart, so it is the figure
-        # least moved by one slow spell of a shared machine
-        ratios[v] = {"best": results[v]["tok_s"] / base, "per_round": per_round,
-                     "median": statistics.median(per_round)}
-        print(f"ratio {v} / torch: {ratios[v]['best']:.2f}x (best against best; per round: "
-              + ", ".join(f"{x:.2f}x" for x in per_round) + f"; median {ratios[v]['median']:.2f}x)")
+    for v, r in ratios.items():
+        print(f"ratio {v} / torch: {r['best']:.2f}x (best against best; per round: "
+              + ", ".join(f"{x:.2f}x" for x in r["per_round"]) + f"; median {r['median']:.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"best": results, "runs": runs, "ratios": ratios}, f, indent=2)
@@ -117,12 +108,30 @@ def batch_arrays(args, vocab: int, seed: int = 0):
     real = [list(rng.integers(100, vocab, args.response_len)) for _ in range(args.pairs)]
     gen = [list(rng.integers(100, vocab, args.response_len)) for _ in range(args.pairs)]
     return prompts, real, gen, tokenize.pack_grouped(prompts, [x for pair in zip(real, gen) for x in pair],
-                                                     args.prompt_len, args.response_len)
+                                                     args.prompt_len, args.response_len,
+                                                     opponent_logps=np.full(2 * args.pairs, -300.0, np.float32))
+
+
+def summarize_runs(runs: list[dict], rounds: int) -> tuple[dict, dict]:
+    """Each variant's fastest run (with its largest peak RSS over the rounds), and each spin_jax
+    variant's ratio to the PyTorch step: best against best, per round, and the median of the
+    per-round ratios (each compares runs minutes apart, so it is the figure least moved by one slow
+    spell of a shared machine)."""
+    results = {}
+    for v in VARIANTS:
+        mine = [r for r in runs if r["variant"] == v]
+        results[v] = dict(min(mine, key=lambda r: r["step_s"]), peak_rss_gib=max(r["peak_rss_gib"] for r in mine))
+    tok_s = {(r["variant"], r["round"]): r["tok_s"] for r in runs}
+    ratios = {}
+    for v in VARIANTS[1:]:
+        per_round = [tok_s[v, k] / tok_s["torch", k] for k in range(1, rounds + 1)]
+        ratios[v] = {"best": results[v]["tok_s"] / results["torch"]["tok_s"], "per_round": per_round,
+                     "median": statistics.median(per_round)}
+    return results, ratios
 
 
 def run_jax(args, mode: str) -> dict:
     import jax
-    import numpy as np
 
     from spin_jax import sharding, train
     from spin_jax.config import TrainSection
@@ -134,12 +143,11 @@ def run_jax(args, mode: str) -> dict:
     tx, _ = train.make_optimizer(tcfg, 1000, 5e-7)
     shapes = jax.eval_shape(lambda p: train.init_state(p, tx), m.params)
     step = train.make_train_step(m.cfg, tcfg, tx, mesh, shapes)
-    sh = train.state_shardings(m.cfg, mesh, shapes)
+    sh = train.state_shardings(m.cfg, mesh, shapes, tx)
     state = jax.jit(lambda p: train.init_state(p, tx), out_shardings=sh)(jax.device_put(m.params, sh.params))
     opponent = jax.device_put(m.params, sh.params) if mode == "in_step" else None
     b = batch_arrays(args, m.cfg.vocab_size)[-1]
-    b["opponent_logps"] = np.full(b["tokens"].shape[0], -300.0, np.float32)
-    batch = train._global_batch(train.to_microbatches(b, args.pairs // args.micro_pairs), mesh)
+    batch = train.device_batch(b, mesh, dataclasses.replace(tcfg, grad_accum=args.pairs // args.micro_pairs))
     t0 = time.perf_counter()
     state, metrics = step(state, opponent, batch)
     jax.block_until_ready(metrics)

@@ -7,7 +7,7 @@ For SmolLM2-135M (embedded GGUF weights) and a ~1B random-weight Llama:
   - sampler tokens/s at batch 64 and achieved HBM bandwidth (weights + KV cache read per decode
     step / step time) against the chip's peak, beside transformers' `generate`.
 
-    bash bench/gpu.sh                 # on the lent GPU (writes bench/gpu_results.json)
+    bash bench/gpu.sh                 # on a machine with an NVIDIA GPU (writes bench/gpu_results.json)
     python bench/gpu.py --dry         # tiny sizes on CPU: the test suite runs this
 """
 
@@ -19,7 +19,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 # dense bf16 peak FLOP/s and HBM bytes/s by device kind (substring match)
@@ -67,12 +66,12 @@ def sizes(dry: bool) -> dict:
 
 
 def models(dry: bool):
-    from spin_jax.model import llama
+    from spin_jax.model import transformer
     from spin_jax.model.config import ModelConfig, tiny_config
 
     if dry:
         cfg = tiny_config("llama", vocab_size=256, dtype="bfloat16")
-        yield "tiny", cfg, llama.init_params(cfg, jax.random.key(0)), lambda: torch_random(cfg)
+        yield "tiny", cfg, transformer.init_params(cfg, jax.random.key(0)), lambda: torch_random(cfg)
         return
     from spin_jax.io.load import load_model
 
@@ -80,7 +79,7 @@ def models(dry: bool):
     yield "smollm2-135m", m.cfg, m.params, lambda: torch_gguf(m.source)
     cfg = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
                       num_kv_heads=4, head_dim=64, rope_theta=10000.0, dtype="bfloat16", remat="full")
-    yield "llama-1.1b-random", cfg, llama.init_params(cfg, jax.random.key(0)), lambda: torch_random(cfg)
+    yield "llama-1.1b-random", cfg, transformer.init_params(cfg, jax.random.key(0)), lambda: torch_random(cfg)
 
 
 def train_jax(cfg, params, s) -> dict:
@@ -93,18 +92,18 @@ def train_jax(cfg, params, s) -> dict:
     rng = np.random.default_rng(0)
     pr = [list(rng.integers(3, cfg.vocab_size, s["prompt"])) for _ in range(s["pairs"])]
     rs = [list(rng.integers(3, cfg.vocab_size, s["response"])) for _ in range(2 * s["pairs"])]
-    b = tokenize.pack_grouped(pr, rs, s["prompt"], s["response"])  # the training layout
-    b["opponent_logps"] = np.full(2 * s["pairs"], -300.0, np.float32)
+    b = tokenize.pack_grouped(pr, rs, s["prompt"], s["response"],  # the training layout
+                              opponent_logps=np.full(2 * s["pairs"], -300.0, np.float32))
     tokens = 2 * s["pairs"] * (s["prompt"] + s["response"])
     for mode in ("precomputed", "in_step"):
         tcfg = TrainSection(opponent_logps=mode, vocab_chunk=8192)
         tx, _ = train.make_optimizer(tcfg, 1000, 5e-7)
         shapes = jax.eval_shape(lambda p: train.init_state(p, tx), params)
-        sh = train.state_shardings(cfg, mesh, shapes)
+        sh = train.state_shardings(cfg, mesh, shapes, tx)
         state = jax.jit(lambda p: train.init_state(p, tx), out_shardings=sh)(jax.device_put(params, sh.params))
         opp = jax.device_put(params, sh.params) if mode == "in_step" else None
         step = train.make_train_step(cfg, tcfg, tx, mesh, shapes)
-        batch = train._global_batch(train.to_microbatches(b, 1), mesh)
+        batch = train.device_batch(b, mesh, tcfg)
         state, m = step(state, opp, batch)
         jax.block_until_ready(m)
         t0 = time.perf_counter()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
+
+from spin_jax import logs, rundir
+from spin_jax.errors import Preempted
 
 
 def main(argv=None) -> None:
@@ -14,9 +17,14 @@ def main(argv=None) -> None:
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(2)
-    enable_compile_cache()
+    logs.configure()
+    if args.command not in ("report",):  # report reads files only: no JAX
+        enable_compile_cache()
     try:
         args.func(args)
+    except Preempted as e:  # training saved a checkpoint on SIGTERM: a clean stop
+        logging.getLogger("spin_jax").info(str(e))
+        sys.exit(0)
     except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
         if os.environ.get("SPIN_JAX_TRACEBACK"):
             raise
@@ -175,19 +183,12 @@ def cmd_sample(args) -> None:
     samples = sampler.generate(sampler.place(model.params), [tokenize.prompt_ids(tok, r["prompt"]) for r in rows],
                                sp, seed=args.seed, progress=update)
     bar.close()
-    out = []
-    for row, smp in zip(rows, samples):
-        ids = smp.tokens[:-1] if smp.finish_reason == "eos" else smp.tokens
-        out.append({**row, "response": tok.decode(ids), "n_tokens": len(smp.tokens),
-                    "finish_reason": smp.finish_reason})
+    out = [{**row, "response": smp.text(tok), "n_tokens": smp.n_tokens, "finish_reason": smp.finish_reason}
+           for row, smp in zip(rows, samples)]
     if args.prompt:
         print(out[0]["response"])
         return
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        for row in out:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.output)
+    rundir.write_jsonl(args.output, out)
     print(f"wrote {len(out)} rows to {args.output}; compiled programs: {len(sampler.compiled_programs)}")
 
 
@@ -197,9 +198,6 @@ def cmd_score(args) -> None:
 
     rows = scoring.read_jsonl(args.input, required=("prompt", "response"))
     model = load_model(args.model, dtype=args.dtype)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        for row in scoring.score_rows(model, rows, args.batch_size, args.max_length, args.vocab_chunk):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.output)
-    print(f"wrote {len(rows)} rows to {args.output}")
+    n = rundir.write_jsonl(args.output, scoring.score_rows(model, rows, args.batch_size, args.max_length,
+                                                           args.vocab_chunk))
+    print(f"wrote {n} rows to {args.output}")

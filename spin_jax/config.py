@@ -73,12 +73,9 @@ class TrainSection:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
-    seed: int = 0
 
     def lr_for_iter(self, t: int) -> float:
-        if not self.learning_rates:
-            return self.learning_rate
-        return float(self.learning_rates[min(t, len(self.learning_rates) - 1)])
+        return lr_for_iter(self.learning_rate, self.learning_rates, t)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +112,14 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def lr_for_iter(learning_rate: float, learning_rates, t: int) -> float:
+    """Iteration t's learning rate: learning_rates[t] (the last entry for later iterations), or
+    learning_rate when the list is empty."""
+    if not learning_rates:
+        return float(learning_rate)
+    return float(learning_rates[min(t, len(learning_rates) - 1)])
 
 
 def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Config:

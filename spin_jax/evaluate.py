@@ -9,8 +9,8 @@ held-out prompts (config data.eval_split, the first data.num_eval_prompts usable
               encoded exactly as training encodes them
     models    for every model so far (base = θ0, iter0 = θ1, ..., iter<t> = θ(t+1)): the mean
               per-token log-prob of the held-out real responses, and the length statistics of its
-              own samples (mean, median, max tokens without the end-of-turn token; share that ended
-              with end-of-turn rather than at max_new_tokens)
+              own samples (mean, median, max n_tokens, see sampling.Sample; share that ended with
+              end-of-turn rather than at max_new_tokens)
 
 It writes runs/<run>/iter<t>/eval_samples.jsonl (one row per prompt: the real response and each
 model's sample) and appends one JSON line to runs/<run>/eval.jsonl. Only process 0 writes.
@@ -22,53 +22,51 @@ for lm-eval-harness, MT-Bench (FastChat) and other tools that take transformers 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
+import logging
 import os
 import shutil
+import tempfile
 import time
 from typing import Optional
 
 import jax
 import numpy as np
 
-from spin_jax import iterate
+from spin_jax import loss as loss_lib
+from spin_jax import rundir, scoring, sharding
 from spin_jax.config import Config
 from spin_jax.data import examples as ex
 from spin_jax.data import store as store_lib
 from spin_jax.data import tokenize
+from spin_jax.data.prompts import prompt_rows
+from spin_jax.io.load import load_model, load_model_for
+from spin_jax.sampling import Sampler, SamplingParams, derive_seed, progress_bar
 
-SPIN_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
-             "logps/real", "logps/generated")
-MODEL_KEYS = ("logp_per_token", "logp_sum_mean", "gen_len_mean", "gen_len_median", "gen_len_max",
-              "eos_share")
+log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
     """Evaluate iteration t (θ(t+1) against θt) on the held-out prompts; returns the eval.jsonl record."""
-    from spin_jax import loss as loss_lib
-    from spin_jax import sharding
-
     sharding.maybe_initialize_distributed(cfg.distributed)
     t_start = time.time()
-    specs = model_specs(cfg, t)  # [(label, path)] θ0 .. θ(t+1); checks that each exists
-    mesh = iterate.make_local_mesh(cfg)  # every host evaluates on its own devices; host 0 writes
+    specs = rundir.model_specs(cfg.model.name, cfg.run_dir, t)  # [(label, path)] θ0 .. θ(t+1)
+    mesh = sharding.local_mesh_from_config(cfg.mesh)  # every host evaluates on its own devices; host 0 writes
     sp = None
-    seed = eval_seed(cfg)
+    seed = derive_seed(cfg.sampling.seed, "eval")  # one seed for every model and every evaluation
     rows, samples, per_model, progs = None, {}, {}, None
     spin_logps = {}  # "opponent" / "policy" -> [N, 2] (logp real, logp generated) of the held-out pairs
     for k, (label, path) in enumerate(specs):
-        model = load(cfg, path)
+        model = load_model_for(cfg.model, path)
         tok = model.tokenizer
         if rows is None:  # the tokenizer is the same for every model of a run
             rows = heldout_rows(cfg, t, tok)
-            sp = iterate.sampling_params(cfg, tok)
+            sp = SamplingParams.from_config(cfg.sampling, tok)
             real_enc = ex.encode_rows(tok, [{"id": r["id"], "prompt": r["prompt"], "real": r["response"],
                                              "generated": ""} for r in rows], cfg.data.max_length,
                                       cfg.data.max_prompt_length, source=f"{cfg.data.name} {cfg.data.eval_split}")
         if progs is None or progs.model_cfg != model.cfg:  # compiled once for all models of a run
             progs = Programs(cfg, model.cfg, mesh, tok.pad_token_id or 0)
-        iterate.log(f"evaluate iteration {t}: {label} = {path} on {len(rows)} held-out prompts")
+        log.info(f"evaluate iteration {t}: {label} = {path} on {len(rows)} held-out prompts")
         params = progs.place(model.params)
         samples[label] = sample(progs, params, tok, rows, sp, seed, progress, desc=f"sample {label}")
         real_logps = progs.logps(params, [e.prompt for e in real_enc], [e.real for e in real_enc], progress,
@@ -92,73 +90,56 @@ def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": time.time() - t_start,
         "model": specs[t + 1][1], "opponent": specs[t][1],
-        "num_prompts": len(rows), "prompt_ids_sha256": ids_digest([r["id"] for r in rows]),
+        "num_prompts": len(rows), "prompt_ids_sha256": rundir.ids_digest([r["id"] for r in rows]),
         "settings": settings(cfg, sp, seed),
         "spin": spin,
         "models": per_model,
-        "samples": os.path.join(cfg.iter_dir(t), "eval_samples.jsonl"),
+        "samples": os.path.join(cfg.iter_dir(t), rundir.EVAL_SAMPLES),
     }
     if jax.process_index() == 0:
-        write_samples(record["samples"], rows, samples, per_model)
-        with open(os.path.join(cfg.run_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(format_record(record))
-    iterate.multihost_barrier("evaluate")
+        rundir.write_jsonl(record["samples"], (
+            {"id": r["id"], "prompt": r["prompt"], "real": r["response"],
+             "responses": {label: dict(s[i], model=per_model[label]["path"]) for label, s in samples.items()}}
+            for i, r in enumerate(rows)))
+        rundir.append_eval(cfg.run_dir, record)
+        log.info("\n" + format_record(record))
+    sharding.barrier("evaluate")
     return record
 
 
 def export_iteration(cfg: Config, t: int, out_dir: str, dtype: Optional[str] = None) -> str:
     """Iteration t's model (runs/<run>/iter<t>/model) re-exported as an HF directory with a model
-    card, written to out_dir.tmp and renamed into place. dtype defaults to the stored one."""
+    card, written to a fresh temporary directory next to out_dir and renamed into place. dtype
+    defaults to the stored one."""
     from spin_jax.io import hf
-    from spin_jax.io.load import load_model
 
-    src = model_specs(cfg, t)[-1][1]
+    src = rundir.model_specs(cfg.model.name, cfg.run_dir, t)[-1][1]
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ValueError(f"--out {out_dir} exists and is not empty; remove it or choose another directory")
-    stored = json.load(open(os.path.join(src, "config.json")))
+    stored = rundir.read_json(os.path.join(src, "config.json"))
     dtype = dtype or stored.get("dtype") or stored.get("torch_dtype") or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
     model = load_model(src)
-    card = export_card(cfg, t, dtype)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an export killed midway
-    hf.export_hf_dir(model.params, model.cfg, tmp, model.tokenizer, dtype=dtype,
-                     extra_files={"README.md": card})
-    if os.path.exists(out_dir):
-        os.rmdir(out_dir)  # empty (checked above)
-    os.replace(tmp, out_dir)
-    iterate.log(f"exported iteration {t} ({src}) to {out_dir} as {dtype}")
+    card = rundir.model_card(cfg.run_dir, t, dtype)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp", dir=parent)
+    try:
+        hf.export_hf_dir(model.params, model.cfg, tmp, model.tokenizer, dtype=dtype,
+                         extra_files={"README.md": card})
+        if os.path.exists(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: created above
+        raise
+    log.info(f"exported iteration {t} ({src}) to {out_dir} as {dtype}")
     return out_dir
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def model_specs(cfg: Config, t: int) -> list[tuple[str, str]]:
-    """[(label, model path)] for θ0 (the base) .. θ(t+1) (iteration t's model); each must exist."""
-    if t < 0:
-        raise ValueError(f"--iter {t}: iterations start at 0")
-    specs = [("base", cfg.model.name)]
-    for k in range(t + 1):
-        path = os.path.join(cfg.iter_dir(k), "model")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(
-                f"iteration {t} is evaluated with the models of iterations 0..{t}, but iteration {k}'s "
-                f"model {path} does not exist; run `make train ITER={k}` (or `spin-jax train --config ... "
-                f"--iter {k}`) first")
-        specs.append((f"iter{k}", path))
-    return specs
-
-
-def load(cfg: Config, path: str):
-    from spin_jax.io.load import load_model
-
-    m = cfg.model
-    return load_model(path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                      attn_block=m.attn_block)
 
 
 def heldout_rows(cfg: Config, t: int, tokenizer) -> list[dict]:
@@ -168,13 +149,13 @@ def heldout_rows(cfg: Config, t: int, tokenizer) -> list[dict]:
     if d.eval_split == d.train_split:
         raise ValueError(f"data.eval_split and data.train_split are both {d.eval_split!r}; hold out a "
                          "part, e.g. train_split: 'train[:95%]', eval_split: 'train[95%:]'")
-    rows = iterate.prompt_rows(cfg, d.eval_split, d.num_eval_prompts, tokenizer)
+    rows = prompt_rows(d, d.eval_split, d.num_eval_prompts, tokenizer)
     if not rows:
         raise ValueError(f"{d.name} {d.eval_split}: no usable held-out prompts (data.eval_split, "
                          f"data.max_prompt_length={d.max_prompt_length})")
     ids = {r["id"] for r in rows}
     for k in range(t + 1):
-        trained = store_lib.SyntheticStore(store_lib.store_dir(cfg.run_dir, k)).expected_ids() or []
+        trained = store_lib.SyntheticStore(rundir.store_dir(cfg.run_dir, k)).expected_ids() or []
         both = ids.intersection(trained)
         if both:
             raise ValueError(f"data.eval_split {d.eval_split!r} overlaps iteration {k}'s training prompts "
@@ -183,19 +164,11 @@ def heldout_rows(cfg: Config, t: int, tokenizer) -> list[dict]:
     return rows
 
 
-def eval_seed(cfg: Config) -> int:
-    """One fixed seed for every model and every evaluation of the run (derived from sampling.seed)."""
-    return int.from_bytes(hashlib.sha256(f"{cfg.sampling.seed}/eval".encode()).digest()[:4], "little")
-
-
 class Programs:
     """The sampler and the scoring program for one model config, compiled once and shared by every
     model of the run (they differ only in their params)."""
 
     def __init__(self, cfg: Config, model_cfg, mesh, pad_id: int):
-        from spin_jax import scoring
-        from spin_jax.sampling import Sampler
-
         self.model_cfg, self.mesh, self.pad_id = model_cfg, mesh, pad_id
         self.rows = 2 * cfg.sampling.batch_size  # scoring batch: as many rows as a batch of pairs
         self.sampler = Sampler(model_cfg, mesh, batch_size=cfg.sampling.batch_size, pad_id=pad_id,
@@ -208,34 +181,22 @@ class Programs:
 
     def logps(self, params, prompts: list[list[int]], responses: list[list[int]], progress: bool,
               desc: str) -> np.ndarray:
-        """Summed log-probs [N] of each response given its prompt (scoring.batch_logps over
-        grouped batches, prompt and response buckets per batch, as training packs them)."""
-        from spin_jax import scoring
-
+        """Summed log-probs [N] of each response given its prompt, packed as training packs them."""
         return scoring.logps_in_batches(self.score_fn, params, prompts, responses, self.rows, self.pad_id,
                                         self.mesh, progress, desc)
 
     def pair_logps(self, params, pairs, progress: bool, desc: str) -> np.ndarray:
         """(logp real, logp generated) [N, 2] of encoded pairs, each prompt computed once."""
-        from spin_jax import scoring
-
         return scoring.pair_logps(self.pair_fn, params, pairs, self.rows, self.pad_id, self.mesh, progress, desc)
 
 
 def sample(progs: Programs, params, tok, rows: list[dict], sp, seed: int, progress: bool, desc: str) -> list[dict]:
     """The model's responses to the rows' prompts: [{"text", "n_tokens", "finish_reason"}]."""
-    from spin_jax.sampling import progress_bar
-
-    update, bar = progress_bar(len(rows), desc=desc) if progress else (None, None)
+    update, bar = progress_bar(len(rows), desc=desc, disable=not progress)
     out = progs.sampler.generate(params, [tokenize.prompt_ids(tok, r["prompt"]) for r in rows], sp, seed=seed,
                                  progress=update)
-    if bar is not None:
-        bar.close()
-    res = []
-    for smp in out:
-        ids = smp.tokens[:-1] if smp.finish_reason == "eos" else smp.tokens
-        res.append({"text": tok.decode(ids), "n_tokens": len(ids), "finish_reason": smp.finish_reason})
-    return res
+    bar.close()
+    return [{"text": smp.text(tok), "n_tokens": smp.n_tokens, "finish_reason": smp.finish_reason} for smp in out]
 
 
 def model_stats(real_logps: np.ndarray, real_lengths: list[int], samples: list[dict]) -> dict:
@@ -255,21 +216,6 @@ def settings(cfg: Config, sp, seed: int) -> dict:
             "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype, "base_model": cfg.model.name}
 
 
-def ids_digest(ids: list[str]) -> str:
-    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
-
-
-def write_samples(path: str, rows: list[dict], samples: dict, per_model: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for i, r in enumerate(rows):
-            f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "real": r["response"],
-                                "responses": {label: dict(s[i], model=per_model[label]["path"])
-                                              for label, s in samples.items()}},
-                               ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def format_record(r: dict) -> str:
     lines = [f"=== held-out evaluation, iteration {r['iteration']}: {r['num_prompts']} prompts, "
              f"{r['wall_seconds']:.0f}s ===",
@@ -281,72 +227,3 @@ def format_record(r: dict) -> str:
                      f"{m['gen_len_median']:>8.1f}{m['gen_len_max']:>6d}{m['eos_share']:>7.2f}")
     lines.append(f"samples: {r['samples']}")
     return "\n".join(lines)
-
-
-def export_card(cfg: Config, t: int, dtype: str) -> str:
-    """The model card: base model, data, iteration, settings (from the iteration's recorded config
-    when present), training summary and held-out results, and how to benchmark it."""
-    it_dir = cfg.iter_dir(t)
-    rec_path = os.path.join(it_dir, "config.json")
-    rec = json.load(open(rec_path)) if os.path.exists(rec_path) else dict(cfg.to_dict(), iteration=t)
-    m, d, s, tr = rec["model"], rec["data"], rec["sampling"], rec["train"]
-    lrs = tr.get("learning_rates") or []
-    lr = float(lrs[min(t, len(lrs) - 1)]) if lrs else tr["learning_rate"]
-    digests = []
-    for k in range(t + 1):
-        st = store_lib.SyntheticStore(store_lib.store_dir(cfg.run_dir, k))
-        if st.shard_names():
-            digests.append(f"iter{k} `{st.digest()[:16]}`")
-    lines = [f"# SPIN iteration {t} (spin_jax): θ{t + 1}", "",
-             f"Self-Play Fine-Tuning (Chen et al., arXiv 2401.01335), iteration {t} of run "
-             f"`{rec.get('run_name', cfg.run_name)}`: trained from θ{t} against θ{t} as the opponent.", "",
-             f"- base model (θ0): `{m['name']}`",
-             f"- opponent / init of this iteration: `{rec.get('opponent', iterate.opponent_spec(cfg, t))}`",
-             f"- data: `{d['name']}` split `{d['train_split']}`, {d['num_prompts']} prompts per iteration, "
-             f"mix_previous={d['mix_previous']}, max_length {d['max_length']} / prompt {d['max_prompt_length']}",
-             f"- synthetic data (store digests): {', '.join(digests) or 'not present'}",
-             f"- loss {tr['loss_type']}, beta {tr['beta']}, optimizer {tr['optimizer']}, lr {lr:g}, "
-             f"warmup {tr['warmup_ratio']}, epochs {tr['epochs']}, global batch {tr['global_batch_size']}",
-             f"- sampling: T={s['temperature']}, top_p={s['top_p']}, top_k={s['top_k']}, "
-             f"max_new_tokens={s['max_new_tokens']}, seed {s['seed']}",
-             f"- weights: {dtype}"]
-    summ_path = os.path.join(it_dir, "summary.json")
-    if os.path.exists(summ_path):
-        summ = json.load(open(summ_path))
-        last = summ.get("last_quarter", {})
-        lines.append(f"- training: {summ.get('steps')} updates, wall {summ.get('wall_seconds', 0):.0f}s; "
-                     "last 25%: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
-    evals = [e for e in read_eval_jsonl(os.path.join(cfg.run_dir, "eval.jsonl")) if e.get("iteration") == t]
-    if evals:
-        e = evals[-1]
-        lines.append(f"- held-out ({e['num_prompts']} prompts of `{e['settings']['eval_split']}`): "
-                     + ", ".join(f"{k} {v:.4f}" for k, v in e["spin"].items()))
-    lines += ["", "## Use", "", "DIR is this directory.", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(DIR)  # carries the chat template used in training",
-              "model = AutoModelForCausalLM.from_pretrained(DIR)", "```", "",
-              "The paper's benchmarks: the Open LLM Leaderboard (v1) tasks with lm-eval-harness >= 0.4, "
-              "each with its leaderboard few-shot count, and MT-Bench with FastChat:", "",
-              "```bash",
-              "for t in arc_challenge:25 truthfulqa_mc2:0 winogrande:5 gsm8k:5 hellaswag:10 mmlu:5; do",
-              "  lm_eval --model hf --model_args pretrained=DIR,dtype=bfloat16 --tasks ${t%:*} "
-              "--num_fewshot ${t#*:} --batch_size auto --output_path results/",
-              "done",
-              "python -m fastchat.llm_judge.gen_model_answer --model-path DIR --model-id spin-iter" + str(t),
-              "```", ""]
-    return "\n".join(lines)
-
-
-def read_eval_jsonl(path: str) -> list[dict]:
-    """eval.jsonl records (empty if the file does not exist); a bad line names file and line."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); delete the line") from None
-    return out

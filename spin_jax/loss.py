@@ -1,8 +1,10 @@
 """SPIN's loss as pure functions of log-probs. Nothing here knows about models.
 
-sequence_logps:  summed fp32 log-probs of the labelled tokens (the reference sums, not averages)
-spin_loss:       per-example SPIN losses and the reference's metrics, given policy and opponent
-                 log-probs of the real (human) and generated (opponent-sampled) responses.
+token_logps_chunked:  per-token fp32 log-probs from hidden states and the output matrix (the
+                      reference sums them over a response, it does not average)
+spin_loss:            per-example SPIN losses and the reference's metrics, given policy and
+                      opponent log-probs of the real (human) and generated (opponent-sampled)
+                      responses.
 """
 
 from __future__ import annotations
@@ -11,18 +13,6 @@ import jax
 import jax.numpy as jnp
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-
-
-def sequence_logps(logits, labels, mask):
-    """Sum over t of log softmax(logits[b, t])[labels[b, t]] where mask[b, t].
-
-    logits [B, T, V] (any float dtype; computed in fp32), labels [B, T] int, mask [B, T] bool.
-    Labels are already aligned with logits (label t is the token that follows position t).
-    """
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask, picked - lse, 0.0), axis=-1)
 
 
 def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int):
@@ -58,8 +48,8 @@ def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int):
 @jax.custom_vjp
 def _token_logps(hidden, w_out, labels):
     """Per-token log-probs over the whole vocab. Its backward keeps only the log-sum-exp [B, T] and
-    recomputes the logits, one pass: d logits = g * (onehot(label) - softmax), which on CPU is
-    ~25% faster than autodiff through logsumexp (it stores and re-reads [B, T, V] intermediates)."""
+    recomputes the logits in one pass, d logits = g * (onehot(label) - softmax), instead of
+    autodiff's stored [B, T, V] intermediates (bench/RESULTS.md has the timing)."""
     return _token_logps_fwd(hidden, w_out, labels)[0]
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 
 import numpy as np
+
+from spin_jax import rundir
 
 TRAIN_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies")
 FIGSIZE, DPI = (12.0, 7.0), 100
@@ -25,11 +26,11 @@ TRAIN_PNG, HELDOUT_PNG = "train_curves.png", "heldout.png"
 
 def write_report(run_dir: str, out_dir: str | None = None) -> str:
     """Render report.md and its PNGs into out_dir (default run_dir/report); returns report.md's path."""
-    iters = iterations(run_dir)
+    iters = rundir.iterations(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
     info = {t: iteration_info(run_dir, t) for t in iters}
-    evals = latest_evals(os.path.join(run_dir, "eval.jsonl"))
+    evals = rundir.latest_evals(run_dir)
     figures = []
     if any(i["metrics"] for i in info.values()):
         plot_training(info, os.path.join(out_dir, TRAIN_PNG))
@@ -37,89 +38,19 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
     if evals:
         plot_heldout(evals, os.path.join(out_dir, HELDOUT_PNG))
         figures.append(HELDOUT_PNG)
-    text = render_markdown(run_dir, info, evals, figures)
     path = os.path.join(out_dir, "report.md")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    rundir.atomic_write(path, render_markdown(run_dir, info, evals, figures))
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# reading the run directory
-
-
-def iterations(run_dir: str) -> list[int]:
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory {run_dir} does not exist (a run dir is runs/<run_name>, "
-                                "e.g. runs/smollm2_sharegpt)")
-    found = sorted(int(m.group(1)) for name in os.listdir(run_dir)
-                   if (m := re.fullmatch(r"iter(\d+)", name)) and os.path.isdir(os.path.join(run_dir, name)))
-    if not found:
-        raise FileNotFoundError(f"{run_dir} holds no iter<t>/ directories; run `make train ITER=0` first")
-    return found
-
-
 def iteration_info(run_dir: str, t: int) -> dict:
-    from spin_jax.data.store import SyntheticStore
-
-    d = os.path.join(run_dir, f"iter{t}")
-    store = SyntheticStore(os.path.join(d, "synthetic"))
-    has_store = os.path.isdir(store.dir) and bool(store.shard_names())
-    manifest = store.manifest() if has_store else {}
-    return {"metrics": read_metrics(os.path.join(d, "metrics.jsonl")),
-            "config": read_json(os.path.join(d, "config.json")),
-            "summary": read_json(os.path.join(d, "summary.json")),
-            "digest": store.digest() if has_store else None,
-            "rows": manifest.get("rows"), "expected": manifest.get("expected"),
-            "trained": os.path.exists(os.path.join(d, "model", "config.json"))}
-
-
-def read_metrics(path: str) -> list[dict]:
-    """metrics.jsonl rows by step; a step logged twice (a resumed run redoes the updates after its
-    last checkpoint) keeps its last value."""
-    if not os.path.exists(path):
-        return []
-    by_step = {}
-    with open(path) as f:
-        lines = f.read().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # a torn last line (training killed mid-write) is skipped
-                continue
-            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); delete the line") from None
-        if "step" not in row:
-            raise ValueError(f"{path}:{n}: no 'step' key; metrics.jsonl rows come from `spin-jax train`")
-        by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def latest_evals(path: str) -> dict[int, dict]:
-    """The newest eval.jsonl record of each iteration."""
-    from spin_jax.evaluate import read_eval_jsonl
-
-    out = {}
-    for n, rec in enumerate(read_eval_jsonl(path), 1):
-        for key in ("iteration", "spin", "models"):
-            if key not in rec:
-                raise ValueError(f"{path}:{n}: no {key!r} key; eval.jsonl lines come from `spin-jax evaluate`")
-        out[int(rec["iteration"])] = rec
-    return dict(sorted(out.items()))
-
-
-def read_json(path: str):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
+    d = rundir.iter_dir(run_dir, t)
+    store = rundir.store_info(run_dir, t) or {}
+    return {"metrics": rundir.read_metrics(os.path.join(d, rundir.METRICS)),
+            "config": rundir.read_json(os.path.join(d, rundir.CONFIG)),
+            "summary": rundir.read_json(os.path.join(d, rundir.SUMMARY)),
+            "digest": store.get("digest"), "rows": store.get("rows"), "expected": store.get("expected"),
+            "trained": rundir.is_trained(run_dir, t)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,10 +140,9 @@ def _pyplot():
 
 def _save(fig, path: str) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=DPI)  # no bbox_inches="tight": the size stays FIGSIZE x DPI
+    with rundir.atomic_file(path) as f:
+        fig.savefig(f, dpi=DPI, format="png")  # no bbox_inches="tight": the size stays FIGSIZE x DPI
     _pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,10 +224,8 @@ def quarters(i: dict) -> tuple[dict, dict, str]:
     hist = i["metrics"]
     if not hist:
         return {}, {}, ""
-    k = max(1, len(hist) // 4)
-    mean = lambda part: {key: float(np.mean([h[key] for h in part])) for key in TRAIN_KEYS  # noqa: E731
-                         if all(key in h for h in part)}
-    return mean(hist[:k]), mean(hist[-k:]), f" (unfinished, {len(hist)} updates so far)"
+    first, last = rundir.quarter_means(hist, TRAIN_KEYS)
+    return first, last, f" (unfinished, {len(hist)} updates so far)"
 
 
 def samples_section(path: str | None, n_prompts: int = 2, max_chars: int = 400) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from typing import Optional, Sequence
 
@@ -23,8 +24,10 @@ import numpy as np
 from flax import struct
 
 from spin_jax import sharding
-from spin_jax.data.tokenize import bucket, pack
-from spin_jax.model import llama
+from spin_jax.data import tokenize
+from spin_jax.model import cache as cache_lib
+from spin_jax.model import transformer
+from spin_jax.model.cache import KVCache
 from spin_jax.model.config import ModelConfig
 
 
@@ -45,6 +48,19 @@ class SamplingParams:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_config(cls, s, tokenizer) -> "SamplingParams":
+        """The config's `sampling` section, stopping at the tokenizer's end-of-turn token."""
+        return cls(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                   top_p=s.top_p, greedy=s.greedy, stop_ids=(tokenize.end_of_turn_id(tokenizer),))
+
+
+def derive_seed(*parts) -> int:
+    """A 32-bit seed derived from `parts` (e.g. the config's sampling.seed, the iteration and the
+    chunk), the same on every host and every run."""
+    text = "/".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
 
 @struct.dataclass
 class DecodeState:
@@ -54,13 +70,16 @@ class DecodeState:
     pos: jax.Array  # [B] its position id
     done: jax.Array  # [B] bool: row hit a stop id
     lengths: jax.Array  # [B] tokens generated (stop id included)
-    cache: llama.KVCache
+    cache: KVCache
     rng: jax.Array
     step: jax.Array  # [] next column of `tokens` to write
 
 
 @dataclasses.dataclass
 class Sample:
+    """One sampled response. `n_tokens` counts every generated token, the end-of-turn token
+    included when the response ended with it: the tokens whose log-probs make up `logp`. The text
+    (`text_ids`, `text`) never holds the end-of-turn token."""
     tokens: list[int]  # generated ids, stop id included when the row stopped on one
     logps: list[float]  # per-token log-probs (temperature 1, unmasked)
     finish_reason: str  # "eos" | "length"
@@ -69,8 +88,19 @@ class Sample:
     def logp(self) -> float:
         return float(np.sum(self.logps, dtype=np.float64))
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
 
-def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: llama.KVCache, prompt, valid, rng,
+    @property
+    def text_ids(self) -> list[int]:
+        return self.tokens[:-1] if self.finish_reason == "eos" else self.tokens
+
+    def text(self, tokenizer) -> str:
+        return tokenizer.decode(self.text_ids)
+
+
+def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: KVCache, prompt, valid, rng,
                  pad_id: int = 0, phases: int = 4):
     """Sample up to sp.max_new_tokens for a left-padded batch. prompt/valid [B, P].
 
@@ -81,12 +111,10 @@ def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: llama.KVCa
     b, p = prompt.shape
     n = sp.max_new_tokens
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    # Reuse the donated buffers; reset the bookkeeping (stale k/v past the index is masked causally).
-    cache = llama.KVCache(cache.k, cache.v, jnp.zeros_like(cache.pos), jnp.zeros_like(cache.valid),
-                          jnp.zeros((), jnp.int32))
-    hidden, cache = llama.forward_hidden(params, cfg, prompt, positions, valid, cache=cache)
+    cache = cache_lib.reset(cache)  # reuse the donated buffers
+    hidden, cache = transformer.forward_hidden(params, cfg, prompt, positions, valid, cache=cache)
     rng, key = jax.random.split(rng)  # logits of the last prompt position only (left padding)
-    first, first_logp = choose(llama.logits_from_hidden(params, cfg, hidden[:, -1]), key, sp)
+    first, first_logp = choose(transformer.logits_from_hidden(params, cfg, hidden[:, -1]), key, sp)
     stop = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
     done = jnp.isin(first, stop)
     state = DecodeState(
@@ -101,7 +129,7 @@ def sample_batch(params, cfg: ModelConfig, sp: SamplingParams, cache: llama.KVCa
 
     def body(s: DecodeState, window: int):
         # Rows already done feed an invalid slot: they no longer write to the cache or the output.
-        logits, cache = llama.forward(params, cfg, s.last[:, None], s.pos[:, None], ~s.done[:, None],
+        logits, cache = transformer.forward(params, cfg, s.last[:, None], s.pos[:, None], ~s.done[:, None],
                                       cache=s.cache, window=window)
         rng, key = jax.random.split(s.rng)
         tok, tok_logp = choose(logits[:, 0], key, sp)
@@ -183,14 +211,13 @@ class Sampler:
         self.decode_phases = decode_phases  # each phase is one more compiled copy of the decode step
         self.mesh = mesh or sharding.make_mesh()
         self.min_bucket, self.max_prompt_len = min_prompt_bucket, max_prompt_len
-        shapes = llama.param_shapes(cfg)
-        self.param_sharding = sharding.tree_shardings(llama.param_axes(cfg), shapes, self.mesh)
-        self._caches: dict[tuple, llama.KVCache] = {}
+        self.param_sharding = transformer.param_shardings(cfg, self.mesh)
+        self._caches: dict[tuple, KVCache] = {}
         self.compiled_programs: set[tuple] = set()
 
     def place(self, params):
         """Params (numpy or jax) on this sampler's mesh."""
-        return sharding.shard_params(params, self.cfg, self.mesh)[0]
+        return transformer.shard_params(params, self.cfg, self.mesh)
 
     def generate(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams, seed: int = 0,
                  progress=None) -> list[Sample]:
@@ -211,9 +238,9 @@ class Sampler:
         longest = max(len(p) for p in prompts)
         if self.max_prompt_len and longest > self.max_prompt_len:
             raise ValueError(f"a prompt has {longest} tokens, over max_prompt_len={self.max_prompt_len}")
-        plen = bucket(longest, self.min_bucket)
+        plen = tokenize.bucket(longest, self.min_bucket)
         rows = list(prompts) + [prompts[0]] * (self.batch_size - n_real)
-        packed = pack(rows, [[] for _ in rows], plen, 0, self.pad_id)  # left-padded prompts only
+        packed = tokenize.pack(rows, [[] for _ in rows], plen, 0, self.pad_id)  # left-padded prompts only
         tokens, valid = packed["tokens"], packed["valid"]
         key = (plen, sp)
         cache = self._caches.pop(key, None)
@@ -228,20 +255,20 @@ class Sampler:
         return [Sample(toks[i, :lengths[i]].tolist(), logps[i, :lengths[i]].tolist(),
                        "eos" if done[i] else "length") for i in range(n_real)]
 
-    def _new_cache(self, length: int) -> llama.KVCache:
-        shapes = jax.eval_shape(lambda: llama.init_cache(self.cfg, self.batch_size, length))
-        shard = sharding.tree_shardings(tuple(llama.CACHE_AXES), tuple(shapes), self.mesh)
-        return jax.jit(lambda: llama.init_cache(self.cfg, self.batch_size, length),
-                       out_shardings=llama.KVCache(*shard))()
+    def _new_cache(self, length: int) -> KVCache:
+        return jax.jit(lambda: cache_lib.init_cache(self.cfg, self.batch_size, length),
+                       out_shardings=self._cache_shardings(length))()
+
+    def _cache_shardings(self, length: int) -> KVCache:
+        shapes = jax.eval_shape(lambda: cache_lib.init_cache(self.cfg, self.batch_size, length))
+        return KVCache(*sharding.tree_shardings(tuple(cache_lib.CACHE_AXES), tuple(shapes), self.mesh))
 
     @functools.lru_cache(maxsize=None)
     def _fn(self, sp: SamplingParams):
         b = self.batch_size
         row = sharding.batch_sharding(self.mesh, 2, b)
         vec = sharding.batch_sharding(self.mesh, 1, b)
-        cache_sh = llama.KVCache(*sharding.tree_shardings(
-            tuple(llama.CACHE_AXES), tuple(jax.eval_shape(lambda: llama.init_cache(self.cfg, b, 16))),
-            self.mesh))
+        cache_sh = self._cache_shardings(16)  # the specs do not depend on the length
         fn = functools.partial(sample_batch, cfg=self.cfg, sp=sp, pad_id=self.pad_id, phases=self.decode_phases)
         return jax.jit(lambda p, c, t, v, r: fn(p, cache=c, prompt=t, valid=v, rng=r),
                        in_shardings=(self.param_sharding, cache_sh, row, row, sharding.replicated(self.mesh)),

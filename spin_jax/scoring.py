@@ -13,58 +13,54 @@ import jax.numpy as jnp
 import numpy as np
 
 from spin_jax import loss as loss_lib
+from spin_jax import sharding
 from spin_jax.data import tokenize
-from spin_jax.model import llama
+from spin_jax.data.tokenize import SpinBatch
+from spin_jax.model import transformer
 
 
-def batch_logps(params, cfg, batch, vocab_chunk: int = 0):
-    """Summed fp32 log-probs [rows] of the response tokens of a packed batch, in either layout of
-    `data.tokenize` (grouped: each prompt computed once for all its responses)."""
-    w_out = llama.output_embedding(params, cfg)
-    if "prompt_tokens" not in batch:
-        hidden, _ = llama.forward_hidden(params, cfg, batch["tokens"], batch["positions"], batch["valid"])
-        tok_logps = loss_lib.token_logps_chunked(hidden, w_out.astype(hidden.dtype), batch["labels"], vocab_chunk)
-        return jnp.sum(jnp.where(batch["loss_mask"], tok_logps, 0.0), axis=-1)
-    tokens = batch["tokens"]
-    g = tokens.shape[0] // batch["prompt_tokens"].shape[0]
+def batch_logps(params, cfg, batch: SpinBatch, vocab_chunk: int = 0):
+    """Summed fp32 log-probs [gN] of the response tokens of a grouped batch, each prompt computed
+    once for all its responses."""
+    w_out = transformer.output_embedding(params, cfg)
+    tokens = batch.tokens
     # The last response token is never an input that matters: only logits of earlier positions are used.
-    hp, hidden = llama.forward_shared_prefix(
-        params, cfg, batch["prompt_tokens"], batch["prompt_positions"], batch["prompt_valid"],
-        tokens[:, :-1], batch["positions"][:, :-1], batch["valid"][:, :-1])
+    hp, hidden = transformer.forward_shared_prefix(
+        params, cfg, batch.prompt_tokens, batch.prompt_positions, batch.prompt_valid,
+        tokens[:, :-1], batch.positions[:, :-1], batch.valid[:, :-1])
     # the prompt's last position predicts response token 0; response position t predicts t + 1
-    hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], g, axis=0), hidden], axis=1)  # [gN, R, D]
+    hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], batch.group, axis=0), hidden], axis=1)  # [gN, R, D]
     tok_logps = loss_lib.token_logps_chunked(hidden, w_out.astype(hidden.dtype), tokens, vocab_chunk)
-    return jnp.sum(jnp.where(batch["valid"], tok_logps, 0.0), axis=-1)
+    return jnp.sum(jnp.where(batch.valid, tok_logps, 0.0), axis=-1)
 
 
-def grouped_shardings(mesh, rows: int, group: int = 1) -> dict:
-    """Shardings of a grouped batch (tokenize.pack_grouped) of `rows` responses, rows // group
-    prompts: each leading axis over (data, fsdp) where it divides."""
-    from spin_jax import sharding
+def grouped_shardings(mesh, rows: int, group: int = 1, leading=(), with_logps: bool = False) -> SpinBatch:
+    """Shardings of a grouped batch of `rows` responses and rows // group prompts: the batch axis
+    over (data, fsdp) where it divides, after `leading` replicated axes (training's micro-batch
+    axis). With `with_logps`, opponent_logps shards like the responses."""
+    def spec(n, ndim):
+        inner = sharding.batch_sharding(mesh, ndim, n).spec
+        return sharding.NamedSharding(mesh, sharding.P(*leading, *inner))
 
-    prompt, response = (sharding.batch_sharding(mesh, 2, n) for n in (rows // group, rows))
-    return {**{k: prompt for k in tokenize.PROMPT_KEYS}, **{k: response for k in tokenize.RESPONSE_KEYS}}
+    prompt, response = spec(rows // group, 2), spec(rows, 2)
+    return SpinBatch(prompt_tokens=prompt, prompt_valid=prompt, prompt_positions=prompt, tokens=response,
+                     valid=response, positions=response, opponent_logps=spec(rows, 1) if with_logps else None)
 
 
 def logps_fn(cfg, mesh, vocab_chunk: int, rows: int, group: int = 1):
     """jit(batch_logps) with the params sharded by the rule table and grouped batches of `rows`
     responses (`group` per prompt) over (data, fsdp): `score`, the opponent's stored log-probs
     (group 2) and `evaluate` all score through it."""
-    from spin_jax import sharding
-
-    param_sh = sharding.tree_shardings(llama.param_axes(cfg), llama.param_shapes(cfg), mesh)
     return jax.jit(lambda p, b: batch_logps(p, cfg, b, vocab_chunk),
-                   in_shardings=(param_sh, grouped_shardings(mesh, rows, group)),
+                   in_shardings=(transformer.param_shardings(cfg, mesh), grouped_shardings(mesh, rows, group)),
                    out_shardings=sharding.batch_sharding(mesh, 1, rows))
 
 
 def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2048,
                vocab_chunk: int = 0, mesh=None, progress: bool = True) -> Iterator[dict]:
     """Yield each row with "logp" and "n_tokens" added, in input order."""
-    from spin_jax import sharding
-
     mesh = mesh or sharding.make_mesh()
-    params = sharding.shard_params(model.params, model.cfg, mesh)[0]
+    params = transformer.shard_params(model.params, model.cfg, mesh)
     fn = logps_fn(model.cfg, mesh, vocab_chunk, batch_size)
     tok = model.tokenizer
     prompts = [tokenize.prompt_ids(tok, r["prompt"]) for r in rows]

@@ -1,6 +1,6 @@
 """Device mesh, logical-axis rules, and multi-host start-up.
 
-The model annotates every weight with logical axes (`spin_jax.model.llama.param_axes`); this file
+The model annotates every weight with logical axes (`spin_jax.model.transformer.param_axes`); this file
 maps them onto a ("data", "fsdp", "tensor") mesh with one rule table. A dimension that the mesh
 axes do not divide is replicated instead (e.g. SmolLM2's 9 heads over tensor=2).
 """
@@ -12,7 +12,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -102,16 +103,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def shard_params(params, cfg, mesh: Mesh):
-    """Place a params pytree (numpy or jax) on the mesh by the rule table."""
-    from spin_jax.model import llama
-
-    shardings = tree_shardings(llama.param_axes(cfg), params, mesh)
-    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype=cfg.param_dtype)
-                                                    if not isinstance(x, jax.Array) else x, s),
-                        params, shardings), shardings
-
-
 _DISTRIBUTED = {"initialized": False}
 
 
@@ -137,3 +128,21 @@ def maybe_initialize_distributed(dcfg=None) -> None:
     elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         jax.distributed.initialize()  # Cloud TPU pods: everything comes from the environment
         _DISTRIBUTED["initialized"] = True
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+    """The config's `mesh` section over all devices (training)."""
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def local_mesh_from_config(mesh_cfg) -> Mesh:
+    """The config's `mesh` section over this host's devices (sampling and scoring)."""
+    return make_local_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,24 +1,30 @@
-"""SPIN training: the pure loss step with a frozen opponent, the optimizer, checkpoints, the loop.
+"""SPIN training: the pure loss step with a frozen opponent, the optimizer, and a small Trainer
+(checkpoints, metrics, preemption).
 
-    step = make_train_step(cfg, tcfg, tx, mesh, batch_shapes)
+    step = make_train_step(cfg, tcfg, tx, mesh, state_shapes)
     state, metrics = step(state, opponent_params, batch)
 
-A step's batch is in the grouped layout of data.tokenize.pack_grouped with a leading micro-batch
-axis for gradient accumulation: prompts [A, b, P] and responses [A, 2b, R], where response row 2i
-is prompt i's real response and row 2i + 1 the opponent's generated one. Each prompt is computed
-once for both of its responses (llama.forward_shared_prefix) and logits are computed for response
-positions only. A contiguous slice of b' prompts and their 2b' responses holds whole pairs, so each
-host can hand in its own slice.
-The opponent's log-probs come either from `opponent_params` inside the step (under
-stop_gradient) or from `batch["opponent_logps"]` [A, 2b], computed once per iteration right after
-sampling (then `opponent_params` is None and no second model is in memory); both give the same loss.
+A step's batch is a `SpinBatch` (data.tokenize) with a leading micro-batch axis for gradient
+accumulation: prompts [A, b, P] and responses [A, 2b, R], where response row 2i is prompt i's real
+response and row 2i + 1 the opponent's generated one. Each prompt is computed once for both of its
+responses (transformer.forward_shared_prefix) and logits are computed for response positions only.
+A contiguous slice of b' prompts and their 2b' responses holds whole pairs, so each host can hand
+in its own slice.
+The opponent's log-probs come either from `opponent_params` inside the step (opponent_logps:
+in_step, under stop_gradient) or from `batch.opponent_logps` [A, 2b], computed once per iteration
+right after sampling (precomputed: `opponent_params` is None and no second model is in memory);
+both give the same loss.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
-from typing import Any, Optional
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +33,14 @@ import optax
 from flax import struct
 
 from spin_jax import loss as loss_lib
-from spin_jax import scoring, sharding
+from spin_jax import rundir, scoring, sharding
 from spin_jax.config import TrainSection
-from spin_jax.data import tokenize
-from spin_jax.model import llama
+from spin_jax.data.tokenize import SpinBatch
+from spin_jax.errors import Preempted
+from spin_jax.model import transformer
 from spin_jax.model.config import ModelConfig
 
-BATCH_KEYS = tokenize.PROMPT_KEYS + tokenize.RESPONSE_KEYS
+log = logging.getLogger(__name__)
 
 
 @struct.dataclass
@@ -69,19 +76,20 @@ def init_state(params, tx) -> TrainState:
                       skipped=jnp.zeros((), jnp.int32))
 
 
-def pair_losses(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, micro):
+def pair_losses(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, micro: SpinBatch):
     """Per-pair losses [B] and metrics for one micro-batch (B prompts, 2B responses): one forward."""
     logps = scoring.batch_logps(params, cfg, micro, tcfg.vocab_chunk)
     if tcfg.opponent_logps == "in_step":
         opp = jax.lax.stop_gradient(scoring.batch_logps(opponent_params, cfg, micro, tcfg.vocab_chunk))
     else:
-        opp = micro["opponent_logps"]
+        opp = micro.opponent_logps
     return loss_lib.spin_loss(logps[0::2], logps[1::2], opp[0::2], opp[1::2], tcfg.beta, tcfg.loss_type)
 
 
-def train_step(state: TrainState, opponent_params, batch, *, cfg: ModelConfig, tcfg: TrainSection, tx):
+def train_step(state: TrainState, opponent_params, batch: SpinBatch, *, cfg: ModelConfig, tcfg: TrainSection,
+               tx):
     """One optimizer update from A accumulated micro-batches. Pure: returns (new state, metrics)."""
-    n_micro = batch["tokens"].shape[0]
+    n_micro = batch.tokens.shape[0]
 
     def micro_loss(params, micro):
         losses, metrics = pair_losses(params, opponent_params, cfg, tcfg, micro)
@@ -113,29 +121,20 @@ def train_step(state: TrainState, opponent_params, batch, *, cfg: ModelConfig, t
 
 def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes: TrainState):
     """jit(train_step) with explicit shardings (params by the rule table, batch over data/fsdp)
-    and the state donated."""
-    param_sh = sharding.tree_shardings(llama.param_axes(cfg), state_shapes.params, mesh)
-    state_sh = state_shardings(cfg, mesh, state_shapes)
-    batch_sh = {k: sharding.NamedSharding(mesh, sharding.P(None, *_batch_spec(mesh)))
-                for k in BATCH_KEYS + ("opponent_logps",)}
+    and the state donated: step(state, opponent_params, batch) -> (state, metrics). In precomputed
+    mode opponent_params is None and the batch carries opponent_logps."""
+    state_sh = state_shardings(cfg, mesh, state_shapes, tx)
+    in_step = tcfg.opponent_logps == "in_step"
+    opponent_sh = state_sh.params if in_step else None
     fn = functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx)
-    out_sh = (state_sh, sharding.replicated(mesh))
-    options = compiler_options(mesh)
-    if tcfg.opponent_logps == "in_step":
-        return jax.jit(fn, in_shardings=(state_sh, param_sh, batch_sh), out_shardings=out_sh,
-                       donate_argnums=(0,), compiler_options=options)
-    def train_step_precomputed(state, batch):  # named: the compiled program is jit_train_step_precomputed
-        return fn(state, None, batch)
-
-    jitted = jax.jit(train_step_precomputed, in_shardings=(state_sh, batch_sh), out_shardings=out_sh,
-                     donate_argnums=(0,), compiler_options=options)
-    return lambda state, opponent_params, batch: jitted(state, batch)
+    return jax.jit(fn, in_shardings=(state_sh, opponent_sh, batch_shardings(mesh, with_logps=not in_step)),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=compiler_options(mesh))
 
 
 # XLA:CPU hands dots and reductions to YNNPACK by default; this keeps YNNPACK for dots only (the
 # same program as XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce), because XLA's own loops
-# do the reductions faster here (the vocab log-sum-exp's exp-and-sum: 39 vs 65 ms at [512, 49152]);
-# see bench/RESULTS.md.
+# do the vocab log-sum-exp's reductions faster (bench/RESULTS.md, "Attention and log-softmax kernels").
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
@@ -144,128 +143,134 @@ def compiler_options(mesh):
     return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
 
 
-def state_shardings(cfg: ModelConfig, mesh, state_shapes: TrainState) -> TrainState:
-    """Optimizer moments shard like the params they track (matched by shape and tree path)."""
-    param_sh = sharding.tree_shardings(llama.param_axes(cfg), state_shapes.params, mesh)
-    by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
-    shape_by_path = {jax.tree_util.keystr(p): x.shape
-                     for p, x in jax.tree_util.tree_leaves_with_path(state_shapes.params)}
-
-    def opt_leaf(path, x):
-        key = jax.tree_util.keystr(path)
-        for pkey, sh in by_path.items():
-            if key.endswith(pkey) and shape_by_path[pkey] == x.shape:
-                return sh
-        return sharding.replicated(mesh)
-
-    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state_shapes.opt_state)
+def state_shardings(cfg: ModelConfig, mesh, state_shapes: TrainState, tx) -> TrainState:
+    """Params by the rule table; optimizer moments like the params they track (optax maps the
+    param shardings onto every param-shaped tree of the optimizer state); the rest replicated."""
     rep = sharding.replicated(mesh)
+    param_sh = transformer.param_shardings(cfg, mesh, state_shapes.params)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, state_shapes.opt_state, param_sh,
+                                   transform_non_params=lambda _: rep)
     return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep)
 
 
-def _batch_spec(mesh):
+def batch_shardings(mesh, with_logps: bool) -> SpinBatch:
+    """A micro-batched SpinBatch's shardings: axis 0 (micro-batches) replicated, axis 1 over the
+    mesh's data and fsdp axes."""
     axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    return (axes if len(axes) > 1 else (axes[0] if axes else None),)
+    sh = sharding.NamedSharding(mesh, sharding.P(None, axes if len(axes) > 1 else (axes[0] if axes else None)))
+    return SpinBatch(prompt_tokens=sh, prompt_valid=sh, prompt_positions=sh, tokens=sh, valid=sh, positions=sh,
+                     opponent_logps=sh if with_logps else None)
 
 
-def to_microbatches(batch: dict, grad_accum: int) -> dict:
-    """A grouped batch (B prompts [B, ...], 2B response rows [2B, ...], pairs interleaved) ->
-    grad_accum micro-batches [A, B/A, ...] and [A, 2B/A, ...], each holding whole pairs."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if v.shape[0] % grad_accum or (k in tokenize.RESPONSE_KEYS and v.shape[0] % (2 * grad_accum)):
-            raise ValueError(f"batch {k!r} of {v.shape[0]} rows does not split into grad_accum={grad_accum} "
-                             f"micro-batches of whole pairs")
-        out[k] = v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:])
-    return out
+def device_batch(batch: SpinBatch, mesh, tcfg: TrainSection) -> SpinBatch:
+    """A host-local batch -> tcfg.grad_accum micro-batches as global arrays sharded over (data,
+    fsdp) on axis 1. In precomputed mode the batch must carry the opponent's log-probs."""
+    in_step = tcfg.opponent_logps == "in_step"
+    if in_step:
+        batch = batch.with_opponent_logps(None)
+    elif batch.opponent_logps is None:
+        raise ValueError("train.opponent_logps=precomputed needs the opponent's log-probs in every batch "
+                         "(the store's opponent_logp_real/generated); regenerate the iteration's data or "
+                         "set train.opponent_logps=in_step")
+    batch = batch.microbatches(tcfg.grad_accum)
+    shardings = batch_shardings(mesh, with_logps=not in_step)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, shardings)
+    # Each host holds its own contiguous slice of whole pairs on axis 1.
+    return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop: resumable, checkpointed, preemption-safe.
+# The trainer: resumable, checkpointed, preemption-safe.
 
 
-def fit(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, mesh, batches_from, steps: int,
-        learning_rate: float, out_dir: str, log=None, progress: bool = True, stop_after: Optional[int] = None):
-    """Train for `steps` updates; returns (final params as numpy, summary dict).
+class Trainer:
+    """Owns one iteration's jitted step, its orbax CheckpointManager and its metrics writer.
 
-    batches_from(start_step) yields host-local numpy batches in the grouped layout (B prompts, 2B
-    responses, see data.examples.make_batches) starting at that update. Checkpoints go to out_dir/checkpoints every
-    tcfg.checkpoint_every updates and at the end; a rerun resumes from the newest one at the same
-    data position. SIGTERM (spot/preemptible VMs) saves a checkpoint and exits with status 0.
+        trainer = Trainer(cfg, tcfg, mesh, steps, learning_rate, out_dir)
+        final_params, summary = trainer.run(params, opponent_params, batches_from)
+
+    batches_from(start_step) yields host-local SpinBatches (B prompts, 2B responses; see
+    data.examples.make_batches) starting at that update. Checkpoints go to out_dir/checkpoints
+    every tcfg.checkpoint_every updates and at the end; a rerun resumes from the newest one at the
+    same data position. SIGTERM (spot/preemptible VMs) saves a checkpoint and raises Preempted.
     """
-    import signal
-    import sys
-    import time
 
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
+    def __init__(self, cfg: ModelConfig, tcfg: TrainSection, mesh, steps: int, learning_rate: float,
+                 out_dir: str, progress: bool = True):
+        self.cfg, self.tcfg, self.mesh, self.steps, self.out_dir = cfg, tcfg, mesh, steps, out_dir
+        self.progress = progress
+        self.tx, self.schedule = make_optimizer(tcfg, steps, learning_rate)
+        self.ckpt_dir = os.path.abspath(os.path.join(out_dir, "checkpoints"))
 
-    tx, schedule = make_optimizer(tcfg, steps, learning_rate)
-    shapes = jax.eval_shape(lambda p: init_state(p, tx), params)
-    state_sh = state_shardings(cfg, mesh, shapes)
-    param_sh = state_sh.params
-    params = jax.device_put(params, param_sh)
-    if tcfg.opponent_logps == "in_step":
-        opponent = jax.device_put(opponent_params, param_sh)
-    else:  # log-probs come with the batch: no second model in memory
-        opponent = None
-    state = jax.jit(lambda p: init_state(p, tx), out_shardings=state_sh)(params)
-    del params
+    def run(self, params, opponent_params, batches_from: Callable[[int], Iterator[SpinBatch]],
+            stop_after: Optional[int] = None):
+        """Train for self.steps updates (or until `stop_after`); returns (final params as numpy,
+        summary {"steps", "skipped_updates", "train_seconds"})."""
+        import orbax.checkpoint as ocp
 
-    ckpt = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(out_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True))
-    start = 0
-    if ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
-        state = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
-        if log:
-            log(f"resumed from checkpoint step {start} in {out_dir}/checkpoints")
+        shapes = jax.eval_shape(lambda p: init_state(p, self.tx), params)
+        state_sh = state_shardings(self.cfg, self.mesh, shapes, self.tx)
+        in_step = self.tcfg.opponent_logps == "in_step"
+        # precomputed mode: the log-probs come with the batch, so no second model is in memory
+        opponent = jax.device_put(opponent_params, state_sh.params) if in_step else None
+        init = jax.jit(lambda p: init_state(p, self.tx), out_shardings=state_sh)
+        state = init(jax.device_put(params, state_sh.params))
+        ckpt = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=self.tcfg.keep_checkpoints, enable_async_checkpointing=True))
+        start = ckpt.latest_step() or 0
+        if start:
+            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
+            state = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
+            log.info(f"resumed from checkpoint step {start} in {self.ckpt_dir}")
+        step_fn = make_train_step(self.cfg, self.tcfg, self.tx, self.mesh, shapes)
+        with _SigtermFlag() as sigterm, MetricsWriter(self.out_dir) as writer, self._bar(start) as bar:
+            t0 = time.perf_counter()
+            batches = batches_from(start)
+            for step in range(start, self.steps):
+                batch = device_batch(next(batches), self.mesh, self.tcfg)
+                state, metrics = step_fn(state, opponent, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics.update(step=step + 1, learning_rate=float(self.schedule(step)))
+                if (step + 1) % self.tcfg.log_every == 0:
+                    writer.write(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}",
+                                acc=f"{metrics['rewards/accuracies']:.2f}")
+                done = step + 1
+                term = _any_process(sigterm.raised)  # hosts save and stop at the same step
+                if done % self.tcfg.checkpoint_every == 0 or done == self.steps or term:
+                    ckpt.save(done, args=ocp.args.StandardSave(state), force=True)
+                if term:
+                    ckpt.wait_until_finished()
+                    raise Preempted(done, self.ckpt_dir)
+                if stop_after is not None and done >= stop_after:
+                    break
+            ckpt.wait_until_finished()
+        summary = {"steps": int(state.step), "skipped_updates": int(state.skipped),
+                   "train_seconds": time.perf_counter() - t0}
+        return _to_host(state.params), summary
 
-    step_fn = make_train_step(cfg, tcfg, tx, mesh, shapes)
-    stop = {"term": False}
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
-    writer = MetricsWriter(out_dir) if jax.process_index() == 0 else None
-    history, t0 = [], time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step",
-               disable=not progress or jax.process_index() != 0)
-    try:
-        it = batches_from(start)
-        for step in range(start, steps):
-            batch = to_microbatches(next(it), tcfg.grad_accum)
-            batch = _global_batch(batch, mesh)
-            state, metrics = step_fn(state, opponent, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            metrics.update(step=step + 1, learning_rate=float(schedule(step)))
-            history.append(metrics)
-            if writer and (step + 1) % tcfg.log_every == 0:
-                writer.write(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}",
-                            acc=f"{metrics['rewards/accuracies']:.2f}")
-            done = step + 1
-            term = _any_process(stop["term"])  # hosts save and stop at the same step
-            if done % tcfg.checkpoint_every == 0 or done == steps or term:
-                ckpt.save(done, args=ocp.args.StandardSave(state), force=True)
-            if term:
-                ckpt.wait_until_finished()
-                if log:
-                    log(f"SIGTERM: checkpoint {done} saved to {out_dir}/checkpoints; rerun the same command to resume")
-                sys.exit(0)
-            if stop_after is not None and done >= stop_after:
-                break
-        ckpt.wait_until_finished()
-    finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, old_handler)
-        if writer:
-            writer.close()
-    final = _to_host(state.params)
-    summary = {"steps": int(state.step), "skipped_updates": int(state.skipped),
-               "train_seconds": time.perf_counter() - t0, "history": history}
-    return final, summary
+    def _bar(self, start: int):
+        from tqdm import tqdm
+
+        return tqdm(total=self.steps, initial=start, desc="train", unit="step",
+                    disable=not self.progress or jax.process_index() != 0)
+
+
+class _SigtermFlag:
+    """Within the block, SIGTERM sets `raised` instead of killing the process."""
+
+    def __enter__(self):
+        self.raised = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old)
 
 
 def _any_process(flag: bool) -> bool:
@@ -286,36 +291,33 @@ def _to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _global_batch(batch: dict, mesh):
-    """Host-local numpy micro-batches -> global jax arrays sharded over (data, fsdp) on axis 1."""
-    spec = sharding.P(None, *_batch_spec(mesh))
-    sh = sharding.NamedSharding(mesh, spec)
-    if jax.process_count() == 1:
-        return {k: jax.device_put(v, sh) for k, v in batch.items()}
-    # Each host holds its own contiguous slice of whole pairs on axis 1.
-    return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
-
-
 class MetricsWriter:
-    """metrics.jsonl and TensorBoard event files in a run's iteration directory."""
+    """metrics.jsonl and TensorBoard event files in a run's iteration directory (process 0 only;
+    the others write nothing)."""
 
     def __init__(self, out_dir: str):
-        import json
+        self.out_dir = out_dir
 
-        from tensorboardX import SummaryWriter
+    def __enter__(self):
+        self._on = jax.process_index() == 0
+        if self._on:
+            from tensorboardX import SummaryWriter
 
-        os.makedirs(out_dir, exist_ok=True)
-        self._json = json
-        self._f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            os.makedirs(self.out_dir, exist_ok=True)
+            self._f = open(os.path.join(self.out_dir, rundir.METRICS), "a")
+            self._tb = SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
+        return self
 
     def write(self, metrics: dict) -> None:
-        self._f.write(self._json.dumps(metrics) + "\n")
+        if not self._on:
+            return
+        self._f.write(json.dumps(metrics) + "\n")
         self._f.flush()
         for k, v in metrics.items():
             if k != "step":
                 self._tb.add_scalar(f"train/{k}", v, metrics["step"])
 
-    def close(self) -> None:
-        self._f.close()
-        self._tb.close()
+    def __exit__(self, *exc):
+        if self._on:
+            self._f.close()
+            self._tb.close()

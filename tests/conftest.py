@@ -48,13 +48,13 @@ def tiny_model_dir(tmp_path_factory):
 
     from spin_jax.io import hf
     from spin_jax.io.load import load_tokenizer
-    from spin_jax.model import llama
+    from spin_jax.model import transformer
     from spin_jax.model.config import tiny_config
 
     tok = load_tokenizer("smollm2-135m-instruct")
     cfg = tiny_config("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_heads=2,
                       num_kv_heads=1, tie_embeddings=True)
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(0)))
+    params = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(0)))
     out = str(tmp_path_factory.mktemp("tiny") / "model")
     hf.export_hf_dir(params, cfg, out, tok)
     return out

@@ -19,3 +19,24 @@ def test_gpu_benchmark_dry_run(tmp_path):
     for key in ("jax_train_precomputed_tok_s", "jax_train_in_step_tok_s", "torch_train_tok_s",
                 "jax_sample_tok_s", "torch_generate_tok_s", "jax_decode_hbm_gb_s"):
         assert rows[0][key] > 0, key
+
+
+def test_bench_train_ratios_are_per_round_and_best_against_best():
+    """bench_train's figures from hand-made runs: a slow round of the baseline must not flatter
+    spin_jax's median, and the best-against-best ratio uses each side's fastest run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench", "bench_train.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok_s = {("torch", 1): 10.0, ("torch", 2): 20.0, ("torch", 3): 10.0,
+             ("jax-in_step", 1): 15.0, ("jax-in_step", 2): 50.0, ("jax-in_step", 3): 20.0,
+             ("jax-precomputed", 1): 30.0, ("jax-precomputed", 2): 30.0, ("jax-precomputed", 3): 30.0}
+    runs = [{"variant": v, "round": k, "tok_s": t, "step_s": 100.0 / t, "peak_rss_gib": k / 10}
+            for (v, k), t in tok_s.items()]
+    results, ratios = bench.summarize_runs(runs, 3)
+    assert results["torch"]["tok_s"] == 20.0 and results["torch"]["peak_rss_gib"] == 0.3
+    assert ratios["jax-in_step"]["per_round"] == [1.5, 2.5, 2.0] and ratios["jax-in_step"]["median"] == 2.0
+    assert ratios["jax-in_step"]["best"] == 2.5
+    assert ratios["jax-precomputed"]["per_round"] == [3.0, 1.5, 3.0] and ratios["jax-precomputed"]["median"] == 3.0
+    assert ratios["jax-precomputed"]["best"] == 1.5

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from spin_jax import rundir
 from spin_jax.data import builders, examples, sources, store, tokenize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,33 +52,33 @@ def test_encode_pair_truncation_written_out(tok):
 
     # the batch: 1 pair -> the 30-token prompt once, left-padded to P = 32; responses: row 0 real,
     # row 1 generated, right-padded to R = 4
-    (batch,) = examples.make_batches([examples.Encoded(p, r, g)], 1, seed=0, min_bucket=4)
+    ((_, batch),) = examples.make_batches([examples.Encoded(p, r, g)], 1, seed=0, min_bucket=4)
     pad = 0
-    assert batch["prompt_tokens"].tolist() == [[pad] * 2 + p]
-    assert batch["prompt_valid"].astype(int).tolist() == [[0] * 2 + [1] * 30]
-    assert batch["prompt_positions"][0].tolist() == [0, 0] + list(range(30))
-    assert batch["tokens"].tolist() == [r, g + [pad]]
-    assert batch["valid"].astype(int).tolist() == [[1] * 4, [1] * 3 + [0]]
+    assert batch.prompt_tokens.tolist() == [[pad] * 2 + p]
+    assert batch.prompt_valid.astype(int).tolist() == [[0] * 2 + [1] * 30]
+    assert batch.prompt_positions[0].tolist() == [0, 0] + list(range(30))
+    assert batch.tokens.tolist() == [r, g + [pad]]
+    assert batch.valid.astype(int).tolist() == [[1] * 4, [1] * 3 + [0]]
     # responses continue the prompt's positions (padding repeats the last one)
-    assert batch["positions"].tolist() == [[30, 31, 32, 33], [30, 31, 32, 32]]
-    assert "opponent_logps" not in batch
+    assert batch.positions.tolist() == [[30, 31, 32, 33], [30, 31, 32, 32]]
+    assert batch.opponent_logps is None
 
 
 def test_batch_layout_hand_built():
     exs = [examples.Encoded([11, 12], [31, 32, 2], [41, 2], "a", -1.5, -2.5),
            examples.Encoded([21], [51, 2], [61, 62, 63, 2], "b", -3.0, -4.0)]
-    (batch,) = examples.make_batches(exs, 2, seed=0, min_bucket=4)
-    order = batch["index"].tolist()
+    ((index, batch),) = examples.make_batches(exs, 2, seed=0, min_bucket=4)
+    order = index.tolist()
     assert sorted(order) == [0, 1]
     prompts = {0: [0, 0, 11, 12], 1: [0, 0, 0, 21]}
     responses = {0: ([31, 32, 2, 0], [41, 2, 0, 0]), 1: ([51, 2, 0, 0], [61, 62, 63, 2])}
-    assert batch["prompt_tokens"].tolist() == [prompts[i] for i in order]
+    assert batch.prompt_tokens.tolist() == [prompts[i] for i in order]
     # pairs interleaved: real, generated, real, generated
-    assert batch["tokens"].tolist() == [x for i in order for x in responses[i]]
+    assert batch.tokens.tolist() == [x for i in order for x in responses[i]]
     starts = {0: 2, 1: 1}
-    assert batch["positions"][:, 0].tolist() == [starts[i] for i in order for _ in (0, 1)]
+    assert batch.positions[:, 0].tolist() == [starts[i] for i in order for _ in (0, 1)]
     logps = {0: (-1.5, -2.5), 1: (-3.0, -4.0)}
-    assert batch["opponent_logps"].tolist() == [x for i in order for x in logps[i]]
+    assert batch.opponent_logps.tolist() == [x for i in order for x in logps[i]]
 
 
 def _toy_examples(n=37, seed=0):
@@ -93,14 +95,14 @@ def test_two_hosts_disjoint_union_whole_same_shapes():
     h0 = list(examples.make_batches(exs, 8, seed=3, epoch=1, process_index=0, process_count=2))
     h1 = list(examples.make_batches(exs, 8, seed=3, epoch=1, process_index=1, process_count=2))
     assert len(whole) == len(h0) == len(h1) == 37 // 8
-    for w, a, b in zip(whole, h0, h1):
-        ia, ib = set(a["index"].tolist()), set(b["index"].tolist())
-        assert not ia & ib and ia | ib == set(w["index"].tolist()) and len(ia) == len(ib) == 4
-        assert a["tokens"].shape == b["tokens"].shape == (8, w["tokens"].shape[1])  # one program
-        assert a["prompt_tokens"].shape == b["prompt_tokens"].shape == (4, w["prompt_tokens"].shape[1])
+    for (iw, w), (ia, a), (ib, b) in zip(whole, h0, h1):
+        ia, ib = set(ia.tolist()), set(ib.tolist())
+        assert not ia & ib and ia | ib == set(iw.tolist()) and len(ia) == len(ib) == 4
+        assert a.tokens.shape == b.tokens.shape == (8, w.tokens.shape[1])  # one program
+        assert a.prompt_tokens.shape == b.prompt_tokens.shape == (4, w.prompt_tokens.shape[1])
         for k in ("prompt_tokens", "prompt_positions", "tokens", "valid", "positions", "opponent_logps"):
-            np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), w[k])  # host 0's pairs, then host 1's
-    seen = np.concatenate([w["index"] for w in whole])
+            np.testing.assert_array_equal(np.concatenate([getattr(a, k), getattr(b, k)]), getattr(w, k))
+    seen = np.concatenate([iw for iw, _ in whole])
     assert len(set(seen.tolist())) == len(seen) == 32  # an epoch never repeats a pair
 
 
@@ -109,16 +111,17 @@ def test_resume_and_epoch_shuffle():
     full = list(examples.make_batches(exs, 4, seed=7, epoch=0))
     resumed = list(examples.make_batches(exs, 4, seed=7, epoch=0, start_step=5))
     assert len(resumed) == len(full) - 5
-    for a, b in zip(full[5:], resumed):
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+    for (ia, a), (ib, b) in zip(full[5:], resumed):
+        np.testing.assert_array_equal(ia, ib)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
     other_epoch = list(examples.make_batches(exs, 4, seed=7, epoch=1))
-    assert [b["index"].tolist() for b in other_epoch] != [b["index"].tolist() for b in full]
+    assert [i.tolist() for i, _ in other_epoch] != [i.tolist() for i, _ in full]
     # global steps across epochs: resuming at step 11 (epoch 1, step 2) continues the same stream
     stream = list(examples.iter_batches(exs, 4, seed=7, num_epochs=3))
     tail = list(examples.iter_batches(exs, 4, seed=7, num_epochs=3, start_step=11))
-    assert [s for s, _, _ in stream] == list(range(27)) and [s for s, _, _ in tail] == list(range(11, 27))
-    assert [b["index"].tolist() for *_, b in stream[11:]] == [b["index"].tolist() for *_, b in tail]
+    assert [s for s, *_ in stream] == list(range(27)) and [s for s, *_ in tail] == list(range(11, 27))
+    assert [i.tolist() for _, _, i, _ in stream[11:]] == [i.tolist() for _, _, i, _ in tail]
     assert stream[11][1] == 1
 
 
@@ -238,9 +241,7 @@ def test_sharegpt_bad_rows(tmp_path):
 
 
 def test_unknown_names():
-    with pytest.raises(ValueError, match="known: sharegpt, ultrachat_200k"):
-        sources.iter_source("alpaca")
-    with pytest.raises(ValueError, match="known: sharegpt, ultrachat_200k, spin_synthetic"):
+    with pytest.raises(ValueError, match="known: sharegpt, ultrachat_200k$"):
         builders.load_split("alpaca", "/nonexistent", "train")
 
 
@@ -315,7 +316,8 @@ def test_ultrachat_missing_files_and_bad_rows(tmp_path):
            {"prompt": "p", "prompt_id": "b1", "messages": [{"content": "q", "role": "assistant"}]},
            {"prompt": "p", "prompt_id": None, "messages": msgs("q", "a")}]
     manual = _ultrachat_dir(tmp_path / "uc", n_train=7, extra_rows=bad)
-    with pytest.raises(ValueError, match=r"train_sft-00000-of-00001.parquet: row 7: field 'messages\[1\].content': empty"):
+    msg = r"train_sft-00000-of-00001.parquet: row 7: field 'messages\[1\].content': empty"
+    with pytest.raises(ValueError, match=msg):
         list(sources.iter_ultrachat(manual, "train_sft"))
     stats = collections.Counter()
     rows = list(sources.iter_ultrachat(manual, "train_sft", stats, max_bad_fraction=0.3))
@@ -353,11 +355,11 @@ def test_store_shards_manifest_dedup_and_logps(tmp_path):
     s = store.SyntheticStore(str(tmp_path / "syn"))
     ids = [f"p{i:03d}" for i in range(6)]
     s.set_expected(ids)
-    assert s.manifest()["expected"] == 6 and not s.is_complete(ids) and s.missing_count() == 6
+    assert s.manifest()["expected"] == 6 and not s.manifest()["complete"] and s.missing_count() == 6
     s.write_shard(0, 0, [_row(i) for i in range(3)])
     s.write_shard(1, 1, (_row(i) for i in range(3, 6)))  # a generator is streamed
     s.write_shard(0, 7, [_row(i, gen="again") for i in range(2, 4)])  # the same prompts, another shard
-    assert s.is_complete(ids) and s.manifest()["complete"]
+    assert s.missing_count() == 0 and s.manifest()["complete"]
     rows = s.rows()
     assert [r["id"] for r in rows] == ids and rows[2]["generated"] == "g 2"  # first shard by name wins
     assert s.manifest()["shards"]["shard-00001-000001.jsonl"]["ids"] == ids[3:]
@@ -451,18 +453,18 @@ def test_store_repeated_random_kills(tmp_path):
     _exactly_once(d)
 
 
-def test_training_rows_and_tfds_store(tmp_path):
+def test_training_rows_mix_iterations(tmp_path):
     run = str(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"iter0.*make generate ITER=0"):
         store.training_rows(run, 0)
-    s0 = store.SyntheticStore(store.store_dir(run, 0))
+    s0 = store.SyntheticStore(rundir.store_dir(run, 0))
     s0.set_expected([f"p{i:03d}" for i in range(4)])
     s0.write_shard(0, 0, [_row(i, gen="zero", opponent_logp_real=-1.0 * i, opponent_logp_generated=-2.0)
                           for i in range(4)])
     assert [r["iteration"] for r in store.training_rows(run, 0)] == [0] * 4
     with pytest.raises(FileNotFoundError, match="make generate ITER=1"):
         store.training_rows(run, 1)
-    s1 = store.SyntheticStore(store.store_dir(run, 1))
+    s1 = store.SyntheticStore(rundir.store_dir(run, 1))
     s1.set_expected([f"p{i:03d}" for i in range(4)])
     s1.write_shard(0, 0, [_row(i, gen="one") for i in range(3)])
     with pytest.raises(ValueError, match=r"iter1.*incomplete \(1 prompts missing\)"):
@@ -472,12 +474,3 @@ def test_training_rows_and_tfds_store(tmp_path):
     assert [(r["iteration"], r["generated"]) for r in mixed] == [(1, f"one {i}") for i in range(4)] + [
         (0, f"zero {i}") for i in range(4)]
     assert len(store.training_rows(run, 1, mix_previous=False)) == 4
-    # the same rows through TFDS (array_record); a changed store is prepared afresh
-    data_dir = str(tmp_path / "tfds")
-    via_tfds = store.training_rows(run, 1, data_dir=data_dir)
-    assert via_tfds == mixed
-    assert via_tfds[4]["opponent_logp_real"] == 0.0 and via_tfds[0]["opponent_logp_real"] is None
-    s1.update_logps({"p002": (-12.345678901, -0.5)})
-    rows = builders.load_split("spin_synthetic", data_dir, "train", manual_dir=store.store_dir(run, 1))
-    (r2,) = [r for r in rows if r["id"] == "p002"]
-    assert r2["opponent_logp_real"] == -12.345678901 and r2["sampling"] == _row(0)["sampling"]

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -66,7 +65,8 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tiny_model_dir, data_dir, tm
     assert summary["steps"] == 8 and summary["skipped_updates"] == 0
     # the interrupted run reuses the same synthetic data (generation is tested elsewhere)
     os.makedirs(os.path.join(runs, "killed", "iter0"))
-    shutil.copytree(os.path.join(runs, "full", "iter0", "synthetic"), os.path.join(runs, "killed", "iter0", "synthetic"))
+    shutil.copytree(os.path.join(runs, "full", "iter0", "synthetic"),
+                    os.path.join(runs, "killed", "iter0", "synthetic"))
     metrics = os.path.join(runs, "killed", "iter0", "metrics.jsonl")
     ckpts = os.path.join(runs, "killed", "iter0", "checkpoints")
     kill_at = int(np.random.default_rng().integers(1, 6))  # of 8 updates

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from spin_jax import rundir
 from spin_jax.data.store import SyntheticStore
 from spin_jax.io import hf
 from spin_jax.io.load import load_tokenizer
-from spin_jax.model import llama
+from spin_jax.model import transformer
 from spin_jax.model.config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def run(tmp_path_factory):
     tok = load_tokenizer("smollm2-135m-instruct")
     cfg = tiny_config("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_heads=2,
                       num_kv_heads=1, tie_embeddings=True)
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(0)))
+    params = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(0)))
     model = str(tmp / "model")
     hf.export_hf_dir(params, cfg, model, tok)
     sets = ["--set", f"model.name={model}", "--set", f"data.data_dir={tmp / 'tfds'}",
@@ -122,7 +123,7 @@ def test_export_of_a_trained_iteration_gives_transformers_our_logits(run):
     assert any(not np.array_equal(base[k], it1[k]) for k in base)  # really a trained iteration
     cfg, params = hf.read_hf_dir(trained)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 12))
-    ours, _ = llama.forward(params, cfg, tokens)
+    ours, _ = transformer.forward(params, cfg, tokens)
     m = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = m(torch.tensor(tokens)).logits.numpy()
@@ -153,8 +154,10 @@ def test_report_keeps_a_resumed_steps_last_values_and_refuses_a_run_without_iter
     it0.mkdir()
     rows = [dict(step=s, loss=v, **{k: 0.0 for k in report.TRAIN_KEYS[1:]}) for s, v in
             [(1, 0.7), (2, 0.9), (2, 0.6), (3, 0.5)]]  # step 2 redone after a resume
-    (it0 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
-    assert [m["loss"] for m in report.read_metrics(str(it0 / "metrics.jsonl"))] == [0.7, 0.6, 0.5]
+    # a line torn by a kill, then the resumed run's lines after it: the torn line is skipped
+    (it0 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + '{"step": 3, "lo\n'
+                                       + "".join(json.dumps(r) + "\n" for r in rows[2:]) + '{"step": 4, "lo')
+    assert [m["loss"] for m in rundir.read_metrics(str(it0 / "metrics.jsonl"))] == [0.7, 0.6, 0.5]
     md = open(report.write_report(str(tmp_path)), encoding="utf-8").read()
     assert "(unfinished, 3 updates so far)" in md and "No eval.jsonl yet" in md
 

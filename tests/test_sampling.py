@@ -7,9 +7,11 @@ import pytest
 
 from spin_jax import sharding
 from spin_jax.data import tokenize
-from spin_jax.model import llama
+from spin_jax.model import transformer
 from spin_jax.model.config import tiny_config
 from spin_jax.sampling import Sampler, SamplingParams, masked_logits
+
+from reference import whole_row_logps
 
 PROMPTS = [
     "What is the capital of France?", "Write a short poem about the sea.", "Explain recursion in one sentence.",
@@ -43,7 +45,7 @@ def test_greedy_matches_transformers_generate(smollm2, smollm2_torch):
 @pytest.fixture(scope="module")
 def tiny():
     cfg = tiny_config("llama", vocab_size=32)
-    params = llama.init_params(cfg, jax.random.key(0))
+    params = transformer.init_params(cfg, jax.random.key(0))
     params["embed"] = params["embed"] * 40  # a peaked but not degenerate next-token distribution
     return cfg, params
 
@@ -56,7 +58,7 @@ def test_first_token_distribution_chi_square(tiny, sp):
 
     cfg, params = tiny
     prompt = [3, 7, 1, 4]
-    logits, _ = llama.forward(params, cfg, jnp.array([prompt]))
+    logits, _ = transformer.forward(params, cfg, jnp.array([prompt]))
     probs = np.asarray(jax.nn.softmax(masked_logits(logits[:, -1], sp), -1)[0], np.float64)
     n_rows = 64
     sampler = Sampler(cfg, batch_size=n_rows, min_prompt_bucket=4)
@@ -80,7 +82,6 @@ def test_first_token_distribution_chi_square(tiny, sp):
 
 
 def test_same_seed_same_output_and_logps_equal_scoring(tiny):
-    from spin_jax import scoring
 
     cfg, params = tiny
     sp = SamplingParams(max_new_tokens=12, stop_ids=(0,))
@@ -95,14 +96,14 @@ def test_same_seed_same_output_and_logps_equal_scoring(tiny):
     # at T=1, no top-k/top-p, the sampler's log-probs are the model's: teacher-forced scoring agrees
     assert sp.logps_are_model_logps
     packed = tokenize.pack(prompts, [s.tokens for s in a], 8, 16)
-    ref = np.asarray(scoring.batch_logps(params, cfg, packed))
+    ref = np.asarray(whole_row_logps(params, cfg, packed))
     np.testing.assert_allclose([s.logp for s in a], ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1)])
 def test_greedy_on_8_device_mesh_equals_one_device(shape):
     cfg = tiny_config("qwen2", vocab_size=64, num_heads=4, num_kv_heads=2)
-    params = llama.init_params(cfg, jax.random.key(1))
+    params = transformer.init_params(cfg, jax.random.key(1))
     params["embed"] = params["embed"] * 30
     prompts = [list(range(1, 2 + i % 7)) for i in range(8)]
     sp = SamplingParams(max_new_tokens=10, greedy=True, stop_ids=(0,))

@@ -12,7 +12,7 @@ from spin_jax import loss as loss_lib
 from spin_jax import sharding, train
 from spin_jax.config import TrainSection
 from spin_jax.data import tokenize
-from spin_jax.model import llama
+from spin_jax.model import transformer
 from spin_jax.model.config import tiny_config
 
 
@@ -22,15 +22,17 @@ def numpy_reference(pr, pg, orr, og, beta, loss_type):
     logits = (pr - pg) - (orr - og)
     if loss_type == "sigmoid":
         losses = np.log1p(np.exp(-beta * logits))
-    else:
+    elif loss_type == "hinge":
         losses = np.maximum(0.0, 1.0 - beta * logits)
+    else:  # IPO (Azar et al. 2023, eq. 17): (h - 1/(2 tau))^2
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
     rr, rg = beta * (pr - orr), beta * (pg - og)
     return losses, {"rewards/real": rr, "rewards/generated": rg, "rewards/margins": rr - rg,
                     "rewards/accuracies": (rr > rg).astype(np.float64), "logps/real": pr,
                     "logps/generated": pg}
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
 def test_spin_loss_matches_float64_numpy(loss_type):
     rng = np.random.default_rng(0)
     x = [rng.normal(-50, 20, size=64).astype(np.float32) for _ in range(4)]
@@ -81,9 +83,8 @@ def make_pairs(cfg, n_pairs, seed):
 def make_batch(cfg, n_pairs=4, grad_accum=1, seed=0):
     """The training layout: each prompt once, its real and generated responses interleaved."""
     prompts, responses = make_pairs(cfg, n_pairs, seed)
-    b = tokenize.pack_grouped(prompts, responses, 8, 8)
-    b["opponent_logps"] = np.zeros((2 * n_pairs,), np.float32)
-    return train.to_microbatches(b, grad_accum)
+    b = tokenize.pack_grouped(prompts, responses, 8, 8, opponent_logps=np.zeros((2 * n_pairs,), np.float32))
+    return b.microbatches(grad_accum)
 
 
 def full_rows(cfg, n_pairs=4, seed=0):
@@ -95,7 +96,7 @@ def full_rows(cfg, n_pairs=4, seed=0):
 def plain_loss(params, opponent, cfg, micro, beta):
     """An unsharded, unchunked reimplementation: full logits, log_softmax, explicit sigmoid loss."""
     def seq_logps(p):
-        logits, _ = llama.forward(p, cfg, micro["tokens"], micro["positions"], micro["valid"])
+        logits, _ = transformer.forward(p, cfg, micro["tokens"], micro["positions"], micro["valid"])
         lp = jax.nn.log_softmax(logits, -1)
         tok = jnp.take_along_axis(lp, micro["labels"][..., None], -1)[..., 0]
         return (tok * micro["loss_mask"]).sum(-1)
@@ -107,11 +108,11 @@ def plain_loss(params, opponent, cfg, micro, beta):
 @pytest.fixture(scope="module")
 def tiny():
     cfg = tiny_config("llama")
-    opponent = llama.init_params(cfg, jax.random.key(0))
+    opponent = transformer.init_params(cfg, jax.random.key(0))
     # the policy has moved a little away from the opponent, so the gradient is not the trivial one
-    policy = jax.tree.map(lambda p, k: p + 0.01 * jax.random.normal(k, p.shape),
-                          opponent, dict(zip(opponent, jax.random.split(jax.random.key(1), len(opponent)))) |
-                          {"layers": {n: jax.random.fold_in(jax.random.key(2), i) for i, n in enumerate(opponent["layers"])}})
+    keys = dict(zip(opponent, jax.random.split(jax.random.key(1), len(opponent))))
+    keys["layers"] = {n: jax.random.fold_in(jax.random.key(2), i) for i, n in enumerate(opponent["layers"])}
+    policy = jax.tree.map(lambda p, k: p + 0.01 * jax.random.normal(k, p.shape), opponent, keys)
     return cfg, policy, opponent
 
 
@@ -140,9 +141,9 @@ def test_precomputed_opponent_logps_give_the_same_loss(tiny):
     cfg, policy, opponent = tiny
     batch = make_batch(cfg, n_pairs=4)
     tx = optax.sgd(1e-3)
-    flat = {k: v[0] for k, v in batch.items()}
-    batch["opponent_logps"] = np.asarray(
-        jax.jit(lambda p, b: train.scoring.batch_logps(p, cfg, b))(opponent, flat))[None]
+    flat = jax.tree.map(lambda v: v[0], batch)
+    batch = batch.with_opponent_logps(np.asarray(
+        jax.jit(lambda p, b: train.scoring.batch_logps(p, cfg, b))(opponent, flat))[None])
     out = {}
     for mode in ("in_step", "precomputed"):
         tcfg = TrainSection(opponent_logps=mode)
@@ -158,7 +159,7 @@ def test_precomputed_opponent_logps_give_the_same_loss(tiny):
 def test_non_finite_update_is_skipped_and_counted(tiny):
     cfg, policy, opponent = tiny
     batch = make_batch(cfg, n_pairs=2)
-    batch["opponent_logps"] = np.full_like(batch["opponent_logps"], np.nan)
+    batch = batch.with_opponent_logps(np.full_like(batch.opponent_logps, np.nan))
     tx = optax.sgd(1.0)
     state = train.init_state(policy, tx)
     new, m = train.train_step(state, None, batch, cfg=cfg, tcfg=TrainSection(), tx=tx)
@@ -171,19 +172,20 @@ def test_sharded_step_equals_single_device_and_opponent_is_untouched(tiny):
     cfg, policy, opponent = tiny
     cfg = dataclasses.replace(cfg)
     tcfg = TrainSection(opponent_logps="in_step", optimizer="rmsprop")
-    batch = make_batch(cfg, n_pairs=8, grad_accum=2)
+    prompts, responses = make_pairs(cfg, 8, 0)
+    host_batch = tokenize.pack_grouped(prompts, responses, 8, 8)
     results = {}
     for name, mesh in (("one", sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])),
                        ("d2f2t2", sharding.make_mesh(2, 2, 2))):
         tx, _ = train.make_optimizer(tcfg, 10, 1e-5)  # 20x the paper's 5e-7
         shapes = jax.eval_shape(lambda p: train.init_state(p, tx), policy)
         step = train.make_train_step(cfg, tcfg, tx, mesh, shapes)
-        sh = train.state_shardings(cfg, mesh, shapes)
+        sh = train.state_shardings(cfg, mesh, shapes, tx)
         state = jax.device_put(train.init_state(jax.tree.map(np.array, policy), tx), sh)
         opp = jax.device_put(opponent, sh.params)
         before = jax.tree.map(np.array, opp)
         for _ in range(2):
-            state, m = step(state, opp, train._global_batch(batch, mesh))
+            state, m = step(state, opp, train.device_batch(host_batch, mesh, dataclasses.replace(tcfg, grad_accum=2)))
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(opp)))
         results[name] = (float(m["loss"]), jax.tree.map(np.asarray, state.params))
     assert abs(results["one"][0] - results["d2f2t2"][0]) <= 1e-5 * abs(results["one"][0])

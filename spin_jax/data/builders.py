@@ -2,8 +2,7 @@
 
 `load_split` is the one entry point: it prepares a data set into `data_dir` once (a later call
 reuses the prepared files) and returns a random-access sequence of plain-python dicts:
-    sharegpt / ultrachat_200k: {"id", "prompt", "response": str, "messages": [{"role", "content"}]}
-    spin_synthetic:            a store row (see spin_jax.data.store), opponent log-probs float|None
+    {"id", "prompt", "response": str, "messages": [{"role", "content"}, ...]}
 The skip counts of a source are kept with the prepared data: `builder.info.metadata["stats"]`.
 
 Nothing here may touch TensorFlow: no `as_dataset`, no tfrecord.
@@ -12,17 +11,15 @@ Nothing here may touch TensorFlow: no `as_dataset`, no tfrecord.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from spin_jax.data import sources
 
 FILE_FORMAT = "array_record"
-JSON_FIELDS = ("messages", "sampling")  # stored as JSON text, decoded by load_split
+JSON_FIELDS = ("messages",)  # stored as JSON text, decoded by load_split
 
 
 def load_split(name: str, data_dir: str, split: str, manual_dir: str | None = None,
@@ -30,8 +27,7 @@ def load_split(name: str, data_dir: str, split: str, manual_dir: str | None = No
     """Prepare `name` into `data_dir` if needed and return `split` as a sequence of dicts.
 
     name: "sharegpt" (split "train"; manual_dir optionally a directory/file with the ShareGPT JSON),
-          "ultrachat_200k" (splits "train_sft", "test_sft"; manual_dir = the hub download),
-          "spin_synthetic" (split "train"; manual_dir = an iteration store directory).
+          "ultrachat_200k" (splits "train_sft", "test_sft"; manual_dir = the hub download).
     split may be a TFDS slice such as "train[:98%]". Use one data_dir per source file; the
     prepared copy is reused as is. Several hosts sharing a data_dir: prepare on one first.
     """
@@ -50,11 +46,6 @@ def make_builder(name: str, data_dir: str, manual_dir: str | None = None,
         return Sharegpt(data_dir=data_dir, source_path=manual_dir, max_bad_fraction=max_bad_fraction)
     if name == "ultrachat_200k":
         return Ultrachat200k(data_dir=data_dir, max_bad_fraction=max_bad_fraction)
-    if name == "spin_synthetic":
-        if manual_dir is None:
-            raise ValueError("spin_synthetic needs manual_dir: the store directory "
-                             "(runs/<run>/iter<t>/synthetic)")
-        return SpinSynthetic(data_dir=data_dir, config=synthetic_config(manual_dir))
     raise ValueError(f"unknown data set {name!r}; known: {', '.join(BUILDERS)}")
 
 
@@ -89,23 +80,13 @@ class Rows(Sequence):
             raise IndexError(index)
         return to_python(self.source[index])
 
-    def __getitems__(self, indices) -> list[dict]:
-        return [to_python(r) for r in self.source.__getitems__(list(indices))]
-
 
 def to_python(record: dict) -> dict:
-    """bytes -> str, JSON fields -> objects, numpy scalars -> float (NaN -> None)."""
+    """Text features (bytes) -> str, JSON fields -> objects."""
     out = {}
     for key, value in record.items():
-        if isinstance(value, bytes):
-            value = value.decode("utf-8")
-            if key in JSON_FIELDS:
-                value = json.loads(value)
-        elif isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
-            value = value.item()
-        if isinstance(value, float) and math.isnan(value):
-            value = None
-        out[key] = value
+        value = value.decode("utf-8") if isinstance(value, bytes) else value
+        out[key] = json.loads(value) if key in JSON_FIELDS else value
     return out
 
 
@@ -184,50 +165,4 @@ class Ultrachat200k(_ChatBuilder, skip_registration=True):
         return splits
 
 
-class SpinSynthetic(_LocalBuilder, skip_registration=True):
-    """One iteration's synthetic store (spin_jax.data.store) as a TFDS data set, split 'train'.
-
-    The builder config is named after the store's content digest, so a store that changed (more
-    shards, log-probs added) is prepared afresh instead of reusing a stale copy.
-    """
-
-    name = "spin_synthetic"
-    RELEASE_NOTES = {"1.0.0": "Store rows; opponent log-probs NaN when absent."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "manual_dir is the store directory runs/<run>/iter<t>/synthetic."
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        text = tfds.features.Text()
-        logp = tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES)
-        return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                     features=tfds.features.FeaturesDict(dict(
-                                         id=text, prompt=text, real=text, generated=text,
-                                         sampling=text, model_hash=text,
-                                         opponent_logp_real=logp, opponent_logp_generated=logp)))
-
-    def _split_generators(self, dl_manager):
-        from spin_jax.data.store import SyntheticStore
-
-        return {"train": self._generate_examples(SyntheticStore(os.fspath(dl_manager.manual_dir)))}
-
-    def _generate_examples(self, store):
-        nan = float("nan")
-        for row in store.rows():
-            yield row["id"], dict(
-                id=row["id"], prompt=row["prompt"], real=row["real"], generated=row["generated"],
-                sampling=json.dumps(row["sampling"], sort_keys=True), model_hash=row["model_hash"],
-                opponent_logp_real=_or(row.get("opponent_logp_real"), nan),
-                opponent_logp_generated=_or(row.get("opponent_logp_generated"), nan))
-
-
-def synthetic_config(store_dir: str) -> tfds.core.BuilderConfig:
-    from spin_jax.data.store import SyntheticStore
-
-    return tfds.core.BuilderConfig(name="store_" + SyntheticStore(store_dir).digest()[:16],
-                                   description=f"store {os.path.abspath(store_dir)}")
-
-
-def _or(value, default):
-    return default if value is None else value
-
-
-BUILDERS = {"sharegpt": Sharegpt, "ultrachat_200k": Ultrachat200k, "spin_synthetic": SpinSynthetic}
+BUILDERS = {"sharegpt": Sharegpt, "ultrachat_200k": Ultrachat200k}

@@ -1,8 +1,8 @@
 """SPIN examples: (prompt, real, generated) token ids, and deterministic host-sharded batches.
 
-A batch for B pairs is in the grouped layout of `spin_jax.data.tokenize.pack_grouped`: B prompts
-and 2B responses, response 2i prompt i's real one and 2i + 1 its generated one, so one forward pass
-gives both log-probs, the prompt computed once. Shapes are bucketed to powers of two from the whole
+A batch for B pairs is a `tokenize.SpinBatch` (tokenize.pack_grouped): B prompts and 2B
+responses, response 2i prompt i's real one and 2i + 1 its generated one, so one forward pass gives
+both log-probs, the prompt computed once. Shapes are bucketed to powers of two from the whole
 GLOBAL batch, so every host packs the same shapes and few programs compile.
 """
 
@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, MutableMapping, NamedTuple, Sequence
 import numpy as np
 
 from spin_jax.data import tokenize
-from spin_jax.data.sources import BadRows, NOT_UTF8
+from spin_jax.data.sources import NOT_UTF8, BadRows
 
 
 class BadField(ValueError):
@@ -99,15 +99,14 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 
 def make_batches(examples: Sequence, global_batch_size: int, *, seed: int, epoch: int = 0,
                  process_index: int = 0, process_count: int = 1, start_step: int = 0,
-                 pad_id: int = 0, min_bucket: int = 16) -> Iterator[dict[str, np.ndarray]]:
+                 pad_id: int = 0, min_bucket: int = 16) -> Iterator[tuple[np.ndarray, tokenize.SpinBatch]]:
     """This host's part of each global batch of one epoch, from step `start_step` of the epoch.
 
     The epoch's order is a permutation seeded by (seed, epoch); global batch s is examples
     order[s*G:(s+1)*G]; host h gets its rows [h*G/H, (h+1)*G/H) (disjoint, union = the batch).
-    Each yielded dict is tokenize.pack_grouped's layout for G/H prompts and 2*G/H responses (real
-    and generated interleaved) plus
-        index           [G/H]   positions in `examples` of this host's pairs
-        opponent_logps  [2G/H]  (only when every pair carries both) real, generated, real, ... float32
+    Yields (index [G/H], batch): the positions in `examples` of this host's pairs, and their
+    SpinBatch of G/H prompts and 2G/H responses (real and generated interleaved), whose
+    opponent_logps [2G/H] (real, generated, real, ...) are set only when every pair carries both.
     Resuming at start_step yields exactly the batches an uninterrupted read yields from there.
     """
     n = len(examples)
@@ -133,16 +132,16 @@ def make_batches(examples: Sequence, global_batch_size: int, *, seed: int, epoch
 
 
 def iter_batches(examples: Sequence, global_batch_size: int, *, seed: int, num_epochs: int,
-                 start_step: int = 0, **kwargs) -> Iterator[tuple[int, int, dict]]:
-    """(global step, epoch, batch) over `num_epochs` epochs, resuming at global `start_step`."""
+                 start_step: int = 0, **kwargs) -> Iterator[tuple[int, int, np.ndarray, tokenize.SpinBatch]]:
+    """(global step, epoch, index, batch) over `num_epochs` epochs, resuming at global `start_step`."""
     spe = steps_per_epoch(len(examples), global_batch_size)
     if spe == 0:
         raise ValueError(f"{len(examples)} examples make no full global batch of {global_batch_size}")
     for epoch in range(start_step // spe, num_epochs):
         first = start_step - epoch * spe if epoch == start_step // spe else 0
-        for k, batch in enumerate(make_batches(examples, global_batch_size, seed=seed, epoch=epoch,
-                                               start_step=first, **kwargs)):
-            yield epoch * spe + first + k, epoch, batch
+        for k, (index, batch) in enumerate(make_batches(examples, global_batch_size, seed=seed, epoch=epoch,
+                                                        start_step=first, **kwargs)):
+            yield epoch * spe + first + k, epoch, index, batch
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
@@ -155,13 +154,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def _pack(pairs: list, index: np.ndarray, prompt_len: int, response_len: int,
-          pad_id: int) -> dict[str, np.ndarray]:
+          pad_id: int) -> tuple[np.ndarray, tokenize.SpinBatch]:
     prompts = [list(e[0]) for e in pairs]
     responses = [list(x) for e in pairs for x in (e[1], e[2])]
-    out = tokenize.pack_grouped(prompts, responses, prompt_len, response_len, pad_id)
-    out["index"] = np.asarray(index, np.int64)
     logps = [(getattr(e, "opponent_logp_real", None), getattr(e, "opponent_logp_generated", None))
              for e in pairs]
-    if all(r is not None and g is not None for r, g in logps):
-        out["opponent_logps"] = np.asarray([x for pair in logps for x in pair], np.float32)
-    return out
+    complete = all(r is not None and g is not None for r, g in logps)
+    batch = tokenize.pack_grouped(prompts, responses, prompt_len, response_len, pad_id,
+                                  opponent_logps=[x for pair in logps for x in pair] if complete else None)
+    return np.asarray(index, np.int64), batch

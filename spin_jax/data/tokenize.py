@@ -4,16 +4,18 @@ A prompt is one user turn through the tokenizer's own chat template with the gen
 a response is its tokens followed by the end-of-turn token (the tokenizer's EOS, e.g. <|im_end|>
 for ChatML). Prompt and response are tokenized separately and concatenated, as the reference does.
 
-Two batch layouts. `pack_grouped` (training and scoring): each prompt once, its g responses apart,
-so a forward computes a prompt once for all its responses (`llama.forward_shared_prefix`):
+Two batch layouts. `pack_grouped` -> `SpinBatch` (training and scoring): each prompt once, its g
+responses apart, so a forward computes a prompt once for all its responses
+(`transformer.forward_shared_prefix`):
     prompt_tokens, prompt_valid, prompt_positions  [N, P]   prompts left-padded
     tokens, valid, positions                       [gN, R]  responses right-padded; row j continues
                                                             prompt j // g; positions continue the prompt's
+    opponent_logps                                 [gN]     the opponent's summed log-probs, or None
 Each response token is scored (label = token, mask = valid): the prompt's last position predicts
 response token 0, response position t predicts token t + 1.
 
-`pack` (the sampler's prompts; reference scoring in tests), for N sequences (prompt bucket P,
-response bucket R):
+`pack` (the sampler's prompts; whole-row reference scoring in tests), for N sequences (prompt
+bucket P, response bucket R):
     tokens    [N, P + R]   prompt left-padded into [0, P), response right-padded into [P, P + R)
     valid     [N, P + R]   True on real tokens
     positions [N, P + R]   0, 1, ... over the real tokens (RoPE positions; padding repeats)
@@ -23,9 +25,11 @@ response bucket R):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
+from flax import struct
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -85,12 +89,38 @@ def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], prompt_le
     return dict(tokens=tokens, valid=valid, positions=positions, labels=labels, loss_mask=loss_mask)
 
 
-PROMPT_KEYS = ("prompt_tokens", "prompt_valid", "prompt_positions")  # [N, P] in the grouped layout
-RESPONSE_KEYS = ("tokens", "valid", "positions")  # [gN, R]
+@struct.dataclass
+class SpinBatch:
+    """A grouped batch (module docstring). Training adds a leading micro-batch axis to every field
+    (`microbatches`). Arrays are numpy on the host and jax arrays once placed on a mesh."""
+    prompt_tokens: Any  # [N, P] int32
+    prompt_valid: Any  # [N, P] bool
+    prompt_positions: Any  # [N, P] int32
+    tokens: Any  # [gN, R] int32
+    valid: Any  # [gN, R] bool
+    positions: Any  # [gN, R] int32
+    opponent_logps: Optional[Any] = None  # [gN] float32: (real, generated) of each pair, or None
+
+    @property
+    def group(self) -> int:
+        """Responses per prompt."""
+        return self.tokens.shape[-2] // self.prompt_tokens.shape[-2]
+
+    def with_opponent_logps(self, logps) -> "SpinBatch":
+        return self.replace(opponent_logps=logps)
+
+    def microbatches(self, n: int) -> "SpinBatch":
+        """[N, ...] / [gN, ...] fields -> [n, N/n, ...] / [n, gN/n, ...], each micro-batch holding
+        whole groups."""
+        prompts = self.prompt_tokens.shape[0]
+        if n <= 0 or prompts % n:
+            raise ValueError(f"a batch of {prompts} prompts does not split into {n} micro-batches "
+                             "of whole pairs (train.grad_accum must divide the pairs per host)")
+        return jax.tree.map(lambda v: np.asarray(v).reshape(n, v.shape[0] // n, *v.shape[1:]), self)
 
 
 def pack_grouped(prompts: Sequence[list[int]], responses: Sequence[list[int]], prompt_len: int,
-                 response_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+                 response_len: int, pad_id: int = 0, opponent_logps=None) -> SpinBatch:
     """The grouped layout of the module docstring: len(responses) = g * len(prompts), response j
     continuing prompt j // g (SPIN: g = 2, real and generated interleaved)."""
     n, g = len(prompts), len(responses) // max(len(prompts), 1)
@@ -106,5 +136,7 @@ def pack_grouped(prompts: Sequence[list[int]], responses: Sequence[list[int]], p
         valid[j, :len(r)] = True
     start = np.repeat([len(x) for x in prompts], g)[:, None]
     positions = (start + np.maximum(np.cumsum(valid, axis=1) - 1, 0)).astype(np.int32)
-    return dict(prompt_tokens=p["tokens"], prompt_valid=p["valid"], prompt_positions=p["positions"],
-                tokens=tokens, valid=valid, positions=positions)
+    if opponent_logps is not None:
+        opponent_logps = np.asarray(opponent_logps, np.float32).reshape(g * n)
+    return SpinBatch(prompt_tokens=p["tokens"], prompt_valid=p["valid"], prompt_positions=p["positions"],
+                     tokens=tokens, valid=valid, positions=positions, opponent_logps=opponent_logps)

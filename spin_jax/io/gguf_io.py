@@ -1,13 +1,15 @@
 """Read a Llama-family GGUF file: config, dequantized params, tokenizer metadata.
 
 GGUF (llama.cpp) stores attn_q / attn_k rows permuted for its interleaved RoPE; we un-permute
-them back to the half-rotation layout that HF and `spin_jax.model` use.
+them back to the half-rotation layout that HF and `spin_jax.model` use. Tensor names and layouts
+come from `spin_jax.io.names`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from spin_jax.io import names
 from spin_jax.model.config import ModelConfig
 
 
@@ -80,41 +82,15 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _params(cfg: ModelConfig, tensors, path: str):
-    h, k, e, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads}
 
-    def get(name):
+    def get(name, key):
         if name not in tensors:
             raise KeyError(f"{path}: tensor {name!r} missing from the GGUF file")
-        return _dequant(tensors[name])
+        w = _dequant(tensors[name])
+        # q/k rows are permuted for llama.cpp's interleaved RoPE, except in qwen2 files
+        if key in heads and cfg.architecture != "qwen2":
+            w = unpermute_rope_rows(w, heads[key])
+        return w
 
-    per_layer = {key: [] for key in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm",
-                                     "w_gate", "w_up", "w_down")}
-    if cfg.attention_bias:
-        per_layer.update(bq=[], bk=[], bv=[])
-    for i in range(cfg.num_layers):
-        p = f"blk.{i}."
-        # torch-style [out, in] matrices; q/k rows need un-permuting unless qwen2 (not permuted).
-        wq, wk = get(p + "attn_q.weight"), get(p + "attn_k.weight")
-        if cfg.architecture != "qwen2":
-            wq, wk = unpermute_rope_rows(wq, h), unpermute_rope_rows(wk, k)
-        per_layer["attn_norm"].append(get(p + "attn_norm.weight"))
-        per_layer["wq"].append(wq.T.reshape(d, h, e))
-        per_layer["wk"].append(wk.T.reshape(d, k, e))
-        per_layer["wv"].append(get(p + "attn_v.weight").T.reshape(d, k, e))
-        per_layer["wo"].append(get(p + "attn_output.weight").T.reshape(h, e, d))
-        per_layer["mlp_norm"].append(get(p + "ffn_norm.weight"))
-        per_layer["w_gate"].append(get(p + "ffn_gate.weight").T)
-        per_layer["w_up"].append(get(p + "ffn_up.weight").T)
-        per_layer["w_down"].append(get(p + "ffn_down.weight").T)
-        if cfg.attention_bias:
-            per_layer["bq"].append(get(p + "attn_q.bias").reshape(h, e))
-            per_layer["bk"].append(get(p + "attn_k.bias").reshape(k, e))
-            per_layer["bv"].append(get(p + "attn_v.bias").reshape(k, e))
-    params = {
-        "embed": get("token_embd.weight"),
-        "layers": {key: np.stack(v) for key, v in per_layer.items()},
-        "final_norm": get("output_norm.weight"),
-    }
-    if not cfg.tie_embeddings:
-        params["lm_head"] = get("output.weight").T
-    return params
+    return names.params_from_torch(cfg, get, "gguf")

@@ -1,7 +1,7 @@
 """HF safetensors directories in and out (Llama, Mistral, Qwen2 architectures).
 
-HF stores torch Linear weights as [out, in]; our params use [in, ...out] layouts (see
-`spin_jax.model.llama`). The RoPE layout is the same (half rotation), so no permutation.
+Tensor names and layouts come from `spin_jax.io.names`. The RoPE layout is the same as ours (half
+rotation), so no permutation.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from spin_jax.io import names
 from spin_jax.model.config import ModelConfig
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -96,62 +97,16 @@ def export_hf_dir(params, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype:
 
 def params_to_hf(params, cfg: ModelConfig) -> dict:
     """Our params pytree -> {HF tensor name: [out, in] numpy array}."""
-    d = cfg.hidden_size
-    lp = {k: np.asarray(v, dtype=np.float32) for k, v in params["layers"].items()}
-    out = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
-           "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = np.asarray(params["lm_head"], np.float32).T
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = lp["attn_norm"][i]
-        out[p + "post_attention_layernorm.weight"] = lp["mlp_norm"][i]
-        out[p + "self_attn.q_proj.weight"] = lp["wq"][i].reshape(d, -1).T
-        out[p + "self_attn.k_proj.weight"] = lp["wk"][i].reshape(d, -1).T
-        out[p + "self_attn.v_proj.weight"] = lp["wv"][i].reshape(d, -1).T
-        out[p + "self_attn.o_proj.weight"] = lp["wo"][i].reshape(-1, d).T
-        out[p + "mlp.gate_proj.weight"] = lp["w_gate"][i].T
-        out[p + "mlp.up_proj.weight"] = lp["w_up"][i].T
-        out[p + "mlp.down_proj.weight"] = lp["w_down"][i].T
-        if cfg.attention_bias:
-            for n in ("q", "k", "v"):
-                out[p + f"self_attn.{n}_proj.bias"] = lp[f"b{n}"][i].reshape(-1)
-    return out
+    return names.params_to_torch(params, cfg, "hf")
 
 
 def _params_from_hf(cfg: ModelConfig, t: dict, path: str):
-    h, k, e, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-
-    def get(name):
+    def get(name, key):
         if name not in t:
             raise KeyError(f"{path}: tensor {name!r} missing from the safetensors files")
-        return np.asarray(t[name], dtype=np.float32)
+        return t[name]
 
-    layers = {key: [] for key in ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo",
-                                  "w_gate", "w_up", "w_down")}
-    if cfg.attention_bias:
-        layers.update(bq=[], bk=[], bv=[])
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        layers["attn_norm"].append(get(p + "input_layernorm.weight"))
-        layers["mlp_norm"].append(get(p + "post_attention_layernorm.weight"))
-        layers["wq"].append(get(p + "self_attn.q_proj.weight").T.reshape(d, h, e))
-        layers["wk"].append(get(p + "self_attn.k_proj.weight").T.reshape(d, k, e))
-        layers["wv"].append(get(p + "self_attn.v_proj.weight").T.reshape(d, k, e))
-        layers["wo"].append(get(p + "self_attn.o_proj.weight").T.reshape(h, e, d))
-        layers["w_gate"].append(get(p + "mlp.gate_proj.weight").T)
-        layers["w_up"].append(get(p + "mlp.up_proj.weight").T)
-        layers["w_down"].append(get(p + "mlp.down_proj.weight").T)
-        if cfg.attention_bias:
-            layers["bq"].append(get(p + "self_attn.q_proj.bias").reshape(h, e))
-            layers["bk"].append(get(p + "self_attn.k_proj.bias").reshape(k, e))
-            layers["bv"].append(get(p + "self_attn.v_proj.bias").reshape(k, e))
-    params = {"embed": get("model.embed_tokens.weight"),
-              "layers": {key: np.stack(v) for key, v in layers.items()},
-              "final_norm": get("model.norm.weight")}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight").T
-    return params
+    return names.params_from_torch(cfg, get, "hf")
 
 
 def _read_safetensors(path: str) -> dict:

@@ -63,6 +63,13 @@ def load_model(spec: str, dtype: str | None = None, param_dtype: str | None = No
     return LoadedModel(cfg.replace(**overrides), params, tok, path)
 
 
+def load_model_for(model_cfg, spec: str) -> LoadedModel:
+    """`spec` loaded with the config's `model` section's compute settings (dtype, param_dtype,
+    remat, attn_block): how the driver and evaluate load the run's models."""
+    m = model_cfg
+    return load_model(spec, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attn_block=m.attn_block)
+
+
 def load_tokenizer(spec: str):
     from spin_jax.io import tokenizer
 

@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass for the whole Llama family.
 
 Llama, Mistral (sliding-window attention), Qwen2 (q/k/v bias) and SmolLM2 (a Llama) differ only
-in a few fields here; the forward pass in `llama.py` reads them.
+in a few fields here; the forward pass in `transformer.py` reads them.
 """
 
 from __future__ import annotations

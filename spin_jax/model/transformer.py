@@ -1,0 +1,347 @@
+"""The causal LM as pure functions over a params pytree (Llama, Mistral, Qwen2).
+
+`init_params(cfg, rng)` builds the parameters with an NNX module (each weight an `nnx.Param`
+carrying its logical axes) and returns them as a plain pytree; `param_axes(cfg)` returns the same
+tree of logical-axis tuples, so sharding is a rule table (`spin_jax.sharding`). The layers are
+stacked along a leading `layers` axis and run under `lax.scan`, so compile time does not grow with
+depth. Three forwards share the layer's pieces (`_qkv`, `_attn_out_mlp`):
+    forward / forward_hidden   whole rows, causal; with a `cache.KVCache`, the sampler's prefill
+                               and decode step
+    forward_shared_prefix      several continuations of one prefix, the prefix computed once
+                               (SPIN's real and generated responses of a prompt)
+
+Layout of the params tree (D hidden, H heads, K kv heads, E head_dim, F mlp, V vocab, L layers):
+  embed            [V, D]
+  layers/attn_norm [L, D]      layers/wq [L, D, H, E]   layers/wk, wv [L, D, K, E]
+  layers/bq [L, H, E], bk, bv [L, K, E] (Qwen2 only)    layers/wo [L, H, E, D]
+  layers/mlp_norm  [L, D]      layers/w_gate, w_up [L, D, F]   layers/w_down [L, F, D]
+  final_norm       [D]
+  lm_head          [D, V]      (absent with tied embeddings)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spin_jax import sharding
+from spin_jax.model import cache as cache_lib
+from spin_jax.model.attention import attention, attention_mask, causal_attention
+from spin_jax.model.cache import KVCache
+from spin_jax.model.config import ModelConfig
+
+# ----------------------------------------------------------------------------------------------
+# Forwards
+
+
+def forward(params, cfg: ModelConfig, tokens, positions=None, valid=None,
+            cache: Optional[KVCache] = None, window: Optional[int] = None):
+    """Logits for `tokens` [B, T] (and the updated cache when one is given).
+
+    positions: [B, T] int32 RoPE positions (default 0..T-1); valid: [B, T] bool, False on padding.
+    Without a cache, attention is causal within `tokens`. With a cache, the T tokens are written at
+    slots [cache.index, cache.index + T) and attend to every valid earlier slot. A static `window`
+    limits attention to slots [0, window), which the caller guarantees covers cache.index + T: the
+    sampler grows it in phases so early decode steps do not read the empty end of the cache.
+    Returns (logits [B, T, V] float32, new_cache or None).
+    """
+    hidden, cache = forward_hidden(params, cfg, tokens, positions, valid, cache, window)
+    return logits_from_hidden(params, cfg, hidden), cache
+
+
+def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
+                   cache: Optional[KVCache] = None, window: Optional[int] = None):
+    """The final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
+    t = tokens.shape[1]
+    positions, valid = _defaults(tokens, positions, valid)
+    if cache is None:
+        slot = jnp.arange(t, dtype=jnp.int32)
+        mask = attention_mask(cfg, slot, positions, slot, positions, valid)  # [B, T, T]
+        x, _ = _run_layers(params, cfg, tokens, positions, _self_attend(cfg, mask), None)
+        return x, None
+    q_slot = cache.index + jnp.arange(t, dtype=jnp.int32)
+    k_pos, k_valid = cache_lib.slot_metadata(cache, positions, valid)
+    w = cache.pos.shape[1] if window is None else window
+    mask = attention_mask(cfg, q_slot, positions, jnp.arange(w, dtype=jnp.int32), k_pos[:, :w],
+                          k_valid[:, :w])  # [B, T, W]
+    write = cache_lib.write_decode if t == 1 else cache_lib.write_prefill
+    attend = _cached_attend(cfg, mask, write, cache.index, w)
+    x, (ck, cv) = _run_layers(params, cfg, tokens, positions, attend, (cache.k, cache.v))
+    return x, KVCache(ck, cv, k_pos, k_valid, cache.index + t)
+
+
+def forward_shared_prefix(params, cfg: ModelConfig, prefix, prefix_positions, prefix_valid,
+                          tokens, positions, valid):
+    """Hidden states of several continuations of each prefix, the prefix computed once.
+
+    prefix/prefix_positions/prefix_valid [N, P] (left-padded); tokens/positions/valid [gN, T], row
+    j continuing prefix j // g (SPIN: g = 2, a prompt's real and generated responses). Equal to a
+    forward over each row's concatenation [prefix, tokens], with the prefix's hidden states and
+    keys/values computed once instead of g times. Returns (prefix hidden [N, P, D], hidden [gN, T, D]).
+
+    One layer scan carries a prompt and its continuations side by side as one row [N, P + gT, D]:
+    the projections and the MLP are single matmuls over all of them, and attention runs per part
+    (the prefix causally on itself, each continuation on its prefix's keys and its own), so each
+    layer's weights are sliced, and its gradients written, once.
+    """
+    n, p = prefix.shape
+    g, t = tokens.shape[0] // n, tokens.shape[1]
+    slot = jnp.arange(p, dtype=jnp.int32)
+    mask_p = attention_mask(cfg, slot, prefix_positions, slot, prefix_positions, prefix_valid)
+    rep = lambda a: jnp.repeat(a, g, axis=0)  # noqa: E731  prefix rows -> their continuations' rows
+    k_pos = jnp.concatenate([rep(prefix_positions), positions], axis=1)
+    k_valid = jnp.concatenate([rep(prefix_valid), valid], axis=1)
+    mask_c = attention_mask(cfg, p + jnp.arange(t, dtype=jnp.int32), positions,
+                            jnp.arange(p + t, dtype=jnp.int32), k_pos, k_valid)  # [gN, T, P + T]
+    dtype = jnp.dtype(cfg.dtype)
+    embed = params["embed"].astype(dtype)
+    side = lambda a: a.reshape(n, g * t, *a.shape[2:])  # noqa: E731  [gN, T, ...] -> [N, gT, ...]
+    rows = lambda a: a.reshape(g * n, t, *a.shape[2:])  # noqa: E731  [N, gT, ...] -> [gN, T, ...]
+    x = jnp.concatenate([embed[prefix], side(embed[tokens])], axis=1)  # [N, P + gT, D]
+    cos, sin = rope_tables(cfg, jnp.concatenate([prefix_positions, side(positions)], axis=1))
+
+    def layer(x, lp):
+        lp = _cast(lp, dtype)
+        q, k, v = _qkv(cfg, lp, x, cos, sin)  # [N, P + gT, heads, E]
+        kt_p, v_p = _kv_layout(k[:, :p], v[:, :p])
+        kt_c, v_c = _kv_layout(rows(k[:, p:]), rows(v[:, p:]))
+        attn_p = causal_attention(q[:, :p], kt_p, v_p, mask_p, 0, cfg.attn_block)
+        kt = jnp.concatenate([rep(kt_p), kt_c], axis=-1)
+        v = jnp.concatenate([rep(v_p), v_c], axis=-2)
+        attn_c = causal_attention(rows(q[:, p:]), kt, v, mask_c, p, cfg.attn_block)
+        return _attn_out_mlp(cfg, lp, x, jnp.concatenate([attn_p, side(attn_c)], axis=1)), None
+
+    x, _ = jax.lax.scan(_remat(layer, cfg.remat), x, params["layers"])
+    x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    return x[:, :p], rows(x[:, p:])
+
+
+def logits_from_hidden(params, cfg: ModelConfig, hidden):
+    """[..., D] hidden states -> [..., V] float32 logits."""
+    w = output_embedding(params, cfg).astype(hidden.dtype)  # [D, V]
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+def output_embedding(params, cfg: ModelConfig):
+    """The [D, V] output projection (the transposed input embedding when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer scan and its pieces
+
+
+def _run_layers(params, cfg: ModelConfig, tokens, positions, attend, kv):
+    """Embedding, the decoder layers under lax.scan, final norm. `attend(q, kt, v, kv, layer)`
+    returns (attention output [B, T, H, E], kv); kv is the cache's (k, v) or None.
+    Returns (hidden [B, T, D], kv)."""
+    dtype = jnp.dtype(cfg.dtype)
+    x = params["embed"].astype(dtype)[tokens]  # [B, T, D]
+    cos, sin = rope_tables(cfg, positions)  # [B, T, E]
+
+    def layer(carry, xs):
+        x, kv = carry
+        lp, i = xs
+        lp = _cast(lp, dtype)
+        q, k, v = _qkv(cfg, lp, x, cos, sin)
+        attn, kv = attend(q, *_kv_layout(k, v), kv, i)
+        return (_attn_out_mlp(cfg, lp, x, attn), kv), None
+
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, kv), _ = jax.lax.scan(_remat(layer, cfg.remat), (x, kv), (params["layers"], layer_ids))
+    x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    return x, kv
+
+
+def _self_attend(cfg: ModelConfig, mask):
+    """Attention of a whole row on itself: query slot i sees key slots <= i, in query blocks."""
+    def attend(q, kt, v, kv, layer):
+        return causal_attention(q, kt, v, mask, 0, cfg.attn_block), kv
+    return attend
+
+
+def _cached_attend(cfg: ModelConfig, mask, write, index, window: int):
+    """Attention through the KV cache: `write` stores the layer's keys/values at `index`
+    (cache.write_decode or cache.write_prefill), then the queries read slots [0, window)."""
+    dtype = jnp.dtype(cfg.dtype)
+
+    def attend(q, kt, v, kv, layer):
+        ck, cv = kv
+        ck, cv, lk, lv = write(ck, cv, layer, kt.astype(ck.dtype), v.astype(cv.dtype), index)
+        kt, v = lk[..., :window].astype(dtype), lv[:, :, :window].astype(dtype)
+        return attention(q, kt, v, mask), (ck, cv)
+    return attend
+
+
+def _qkv(cfg: ModelConfig, lp, x, cos, sin):
+    """A layer's queries, keys and values [B, T, heads, E] (RoPE applied) from x [B, T, D].
+    Token-major activations; every projection is a plain 2-D [B*T, D] matmul (3-D einsums make
+    XLA:CPU transpose gradients through slow fused copies)."""
+    b, t, d = x.shape
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).reshape(b * t, d)
+    q, k, v = (jnp.matmul(h, lp[n].reshape(d, -1)).reshape(b, t, *lp[n].shape[1:])
+               for n in ("wq", "wk", "wv"))
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _kv_layout(k, v):
+    """[B, T, K, E] keys and values -> keys transposed [B, K, E, T] and values [B, K, T, E]."""
+    return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+
+
+def _attn_out_mlp(cfg: ModelConfig, lp, x, attn):
+    """The rest of a layer: x + attention's output projection, then x + the gated MLP."""
+    b, t, d = x.shape
+    x = x + (attn.reshape(b * t, -1) @ lp["wo"].reshape(-1, d)).reshape(x.shape)
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).reshape(b * t, -1)  # 2-D matmuls
+    gate, up = h @ lp["w_gate"], h @ lp["w_up"]
+    return x + ((jax.nn.silu(gate) * up) @ lp["w_down"]).reshape(x.shape)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
+def _defaults(tokens, positions, valid):
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if valid is None:
+        valid = jnp.ones((b, t), dtype=bool)
+    return positions, valid
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    # projection outputs, and attention's output and log-sum-exp (its backward recomputes P from them)
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attn_out", "attn_lse"))
+    return jax.checkpoint(fn, policy=policy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x, w, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf.astype(x.dtype) * w).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    e = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+    rs = cfg.rope_scaling_dict
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+        raise NotImplementedError(f"rope_scaling {rs} is not supported (llama3 or none)")
+    return inv.astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """cos, sin [B, T, E] in float32 for the half-rotation ("rotate_half") convention."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, E/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, N, E] (token-major); rotate pairs (i, i + E/2)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None] + rot * sin[:, :, None]
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters (NNX builds them; the forward takes plain pytrees)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+    """Random params (normal, std 0.02; norms at 1) as a plain pytree of arrays."""
+    model = CausalLMParams(cfg, nnx.Rngs(params=rng))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def param_axes(cfg: ModelConfig):
+    """The params tree with each leaf replaced by its tuple of logical axis names."""
+    abstract = nnx.eval_shape(lambda: CausalLMParams(cfg, nnx.Rngs(params=0)))
+    state = nnx.state(abstract, nnx.Param)
+    axes = jax.tree.map(lambda v: v.get_metadata()["axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(axes)
+
+
+def param_shapes(cfg: ModelConfig):
+    """The params tree of jax.ShapeDtypeStruct (no allocation)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def param_shardings(cfg: ModelConfig, mesh, shapes=None):
+    """NamedShardings of the params tree on `mesh` by the rule table."""
+    return sharding.tree_shardings(param_axes(cfg), param_shapes(cfg) if shapes is None else shapes, mesh)
+
+
+def shard_params(params, cfg: ModelConfig, mesh):
+    """Place a params pytree (numpy or jax) on the mesh by the rule table, as cfg.param_dtype."""
+    shardings = param_shardings(cfg, mesh, params)
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype=cfg.param_dtype)
+                                                    if not isinstance(x, jax.Array) else x, s),
+                        params, shardings)
+
+
+class CausalLMParams(nnx.Module):
+    """Holds the weights, each annotated with logical axes; the computation is `forward`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        d, f, h, k, e, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                            cfg.num_kv_heads, cfg.head_dim, cfg.num_layers)
+
+        def normal(shape, axes):
+            return nnx.Param((0.02 * jax.random.normal(rngs.params(), shape)).astype(pd), axes=axes)
+
+        def ones(shape, axes):
+            return nnx.Param(jnp.ones(shape, pd), axes=axes)
+
+        self.embed = normal((cfg.vocab_size, d), ("vocab", "embed"))
+        layers = dict(
+            attn_norm=ones((n, d), ("layers", "norm")),
+            wq=normal((n, d, h, e), ("layers", "embed", "heads", "head_dim")),
+            wk=normal((n, d, k, e), ("layers", "embed", "kv_heads", "head_dim")),
+            wv=normal((n, d, k, e), ("layers", "embed", "kv_heads", "head_dim")),
+            wo=normal((n, h, e, d), ("layers", "heads", "head_dim", "embed")),
+            mlp_norm=ones((n, d), ("layers", "norm")),
+            w_gate=normal((n, d, f), ("layers", "embed", "mlp")),
+            w_up=normal((n, d, f), ("layers", "embed", "mlp")),
+            w_down=normal((n, f, d), ("layers", "mlp", "embed")),
+        )
+        if cfg.attention_bias:
+            layers.update(bq=normal((n, h, e), ("layers", "heads", "head_dim")),
+                          bk=normal((n, k, e), ("layers", "kv_heads", "head_dim")),
+                          bv=normal((n, k, e), ("layers", "kv_heads", "head_dim")))
+        self.layers = nnx.Dict(layers)
+        self.final_norm = ones((d,), ("norm",))
+        if not cfg.tie_embeddings:
+            self.lm_head = normal((d, cfg.vocab_size), ("embed", "vocab"))

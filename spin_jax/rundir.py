@@ -1,0 +1,316 @@
+"""The run directory: its paths and file formats, with one reader and one writer for each. No JAX.
+
+    runs/<run>/eval.jsonl                 one record per `spin-jax evaluate`
+    runs/<run>/iter<t>/synthetic/         the iteration's store (spin_jax.data.store)
+    runs/<run>/iter<t>/checkpoints/       orbax checkpoints (resume)
+    runs/<run>/iter<t>/model/             θ(t+1) as an HF directory: iteration t+1's init and opponent
+    runs/<run>/iter<t>/metrics.jsonl      one JSON line per update; TensorBoard events in tensorboard/
+    runs/<run>/iter<t>/summary.json       the iteration's summary (first/last-quarter means)
+    runs/<run>/iter<t>/config.json        the config the iteration ran with
+    runs/<run>/iter<t>/eval_samples.jsonl the held-out samples of the newest evaluation
+
+`spin-jax report` reads everything through this module, so it runs without JAX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
+
+from spin_jax.config import lr_for_iter
+
+METRICS, SUMMARY, CONFIG, EVAL, EVAL_SAMPLES = ("metrics.jsonl", "summary.json", "config.json", "eval.jsonl",
+                                                "eval_samples.jsonl")
+SUMMARY_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
+                "logps/real", "logps/generated")
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths
+
+
+def iter_dir(run_dir: str, t: int) -> str:
+    return os.path.join(run_dir, f"iter{t}")
+
+
+def store_dir(run_dir: str, t: int) -> str:
+    return os.path.join(iter_dir(run_dir, t), "synthetic")
+
+
+def model_dir(run_dir: str, t: int) -> str:
+    """θ(t+1), the model iteration t trained."""
+    return os.path.join(iter_dir(run_dir, t), "model")
+
+
+def is_trained(run_dir: str, t: int) -> bool:
+    return os.path.exists(os.path.join(model_dir(run_dir, t), "config.json"))
+
+
+def iterations(run_dir: str) -> list[int]:
+    """The t of every iter<t>/ directory, sorted; an error if there are none."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir} does not exist (a run dir is runs/<run_name>, "
+                                "e.g. runs/smollm2_sharegpt)")
+    found = sorted(int(m.group(1)) for name in os.listdir(run_dir)
+                   if (m := re.fullmatch(r"iter(\d+)", name)) and os.path.isdir(os.path.join(run_dir, name)))
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds no iter<t>/ directories; run `make train ITER=0` first")
+    return found
+
+
+def opponent_spec(base_model: str, run_dir: str, t: int) -> str:
+    """θt: the base model for t = 0, else iteration t-1's exported model (which must exist)."""
+    if t == 0:
+        return base_model
+    prev = model_dir(run_dir, t - 1)
+    if not is_trained(run_dir, t - 1):
+        raise FileNotFoundError(
+            f"iteration {t} starts from iteration {t - 1}'s model, but {prev} does not exist; run "
+            f"`make train ITER={t - 1}` (or `spin-jax train --config ... --iter {t - 1}`) first")
+    return prev
+
+
+def model_specs(base_model: str, run_dir: str, t: int) -> list[tuple[str, str]]:
+    """[(label, model path)] for θ0 (the base) .. θ(t+1) (iteration t's model); each must exist."""
+    if t < 0:
+        raise ValueError(f"--iter {t}: iterations start at 0")
+    specs = [("base", base_model)]
+    for k in range(t + 1):
+        if not is_trained(run_dir, k):
+            raise FileNotFoundError(
+                f"iteration {t} needs the models of iterations 0..{t}, but iteration {k}'s model "
+                f"{model_dir(run_dir, k)} does not exist; run `make train ITER={k}` (or `spin-jax train "
+                f"--config ... --iter {k}`) first")
+        specs.append((f"iter{k}", model_dir(run_dir, k)))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing files atomically
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Write `data` to a temporary file next to `path`, fsync it, and rename it into place: a
+    reader sees the old file or the whole new one, never a part."""
+    with atomic_file(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[BinaryIO]:
+    """A binary file open on a fresh temporary name next to `path`. When the block ends without an
+    exception it is flushed, fsynced and renamed to `path`; otherwise it is removed."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def write_jsonl(path: str, rows: Iterable[dict]) -> int:
+    """Rows as JSON lines (UTF-8 text kept as is), written atomically. Returns the row count."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+    atomic_write(path, "".join(lines))
+    return len(lines)
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of a list of ids (order matters): the store's expected ids, evaluate's prompts."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON files
+
+
+def read_json(path: str):
+    """The parsed file, or None if it does not exist; malformed JSON is an error naming the file."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    """metrics.jsonl rows in step order. A line that is not JSON (torn by a kill mid-write) is
+    skipped; a step logged twice (a resumed run redoes the updates after its last checkpoint)
+    keeps its last value."""
+    if not os.path.exists(path):
+        return []
+    by_step = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError(f"{path}:{n}: no 'step' key; metrics.jsonl rows come from `spin-jax train`")
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_eval_jsonl(path: str) -> list[dict]:
+    """eval.jsonl records in file order (empty if the file does not exist); a bad line names the
+    file and line."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); delete the line") from None
+            for key in ("iteration", "spin", "models"):
+                if not isinstance(rec, dict) or key not in rec:
+                    raise ValueError(f"{path}:{n}: no {key!r} key; eval.jsonl lines come from `spin-jax evaluate`")
+            out.append(rec)
+    return out
+
+
+def append_eval(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, EVAL), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def latest_evals(run_dir: str) -> dict[int, dict]:
+    """The newest eval.jsonl record of each iteration, by iteration."""
+    out = {int(rec["iteration"]): rec for rec in read_eval_jsonl(os.path.join(run_dir, EVAL))}
+    return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The iteration's summary
+
+
+def quarter_means(history: list[dict], keys: Sequence[str] = SUMMARY_KEYS) -> tuple[dict, dict]:
+    """Means of each key over the first and the last 25% of updates (at least one update each)."""
+    if not history:
+        return {}, {}
+    k = max(1, len(history) // 4)
+
+    def mean(part):
+        return {key: sum(h[key] for h in part) / len(part) for key in keys if all(key in h for h in part)}
+
+    return mean(history[:k]), mean(history[-k:])
+
+
+def summarize(train_summary: dict, wall: float, t: int, run_dir: str) -> dict:
+    """The iteration's summary: the trainer's counts plus first/last-quarter means over every
+    update, read from metrics.jsonl (so a resumed run is summarised whole)."""
+    first, last = quarter_means(read_metrics(os.path.join(iter_dir(run_dir, t), METRICS)))
+    return dict(train_summary, iteration=t, wall_seconds=wall, first_quarter=first, last_quarter=last)
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"=== SPIN iteration {s['iteration']}: {s['steps']} updates, {s['skipped_updates']} skipped, "
+             f"train {s['train_seconds']:.0f}s, total {s['wall_seconds']:.0f}s ===",
+             f"{'metric':<22}{'first 25%':>12}{'last 25%':>12}"]
+    for key in SUMMARY_KEYS:
+        if key in s["first_quarter"]:
+            lines.append(f"{key:<22}{s['first_quarter'][key]:>12.4f}{s['last_quarter'][key]:>12.4f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic store's manifest, as the report and the model card read it
+
+
+def store_digest(shards: dict) -> str:
+    """A content hash of a store: the names and sha256 of its shards (manifest entries)."""
+    text = json.dumps({n: e["sha256"] for n, e in sorted(shards.items())})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def store_info(run_dir: str, t: int) -> Optional[dict]:
+    """{"digest", "rows", "expected"} of iteration t's store from its manifest, or None if it has
+    no shards yet."""
+    manifest = read_json(os.path.join(store_dir(run_dir, t), "manifest.json"))
+    if not manifest or not manifest.get("shards"):
+        return None
+    return {"digest": store_digest(manifest["shards"]), "rows": manifest.get("rows"),
+            "expected": manifest.get("expected")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card
+
+
+def model_card(run_dir: str, t: int, dtype: str, summary: Optional[dict] = None) -> str:
+    """The model card of iteration t's model: base model, data, settings (iter<t>/config.json),
+    training summary (given, else summary.json) and held-out results, and how to benchmark it."""
+    rec = read_json(os.path.join(iter_dir(run_dir, t), CONFIG))
+    if rec is None:
+        raise FileNotFoundError(f"{iter_dir(run_dir, t)}/{CONFIG} not found: iteration {t} has not been trained")
+    m, d, s, tr = rec["model"], rec["data"], rec["sampling"], rec["train"]
+    lr = lr_for_iter(tr["learning_rate"], tr.get("learning_rates") or (), t)
+    digests = [f"iter{k} `{info['digest'][:16]}`" for k in range(t + 1) if (info := store_info(run_dir, k))]
+    lines = [f"# SPIN iteration {t} (spin_jax): θ{t + 1}", "",
+             f"Self-Play Fine-Tuning (Chen et al., arXiv 2401.01335), iteration {t} of run "
+             f"`{rec.get('run_name')}`: trained from θ{t} against θ{t} as the opponent.", "",
+             f"- base model (θ0): `{m['name']}`",
+             f"- opponent / init of this iteration: `{rec.get('opponent')}`",
+             f"- data: `{d['name']}` split `{d['train_split']}`, {d['num_prompts']} prompts per iteration, "
+             f"mix_previous={d['mix_previous']}, max_length {d['max_length']} / prompt {d['max_prompt_length']}",
+             f"- synthetic data (store digests): {', '.join(digests) or 'not present'}",
+             f"- loss {tr['loss_type']}, beta {tr['beta']}, optimizer {tr['optimizer']}, lr {lr:g}, "
+             f"warmup {tr['warmup_ratio']}, epochs {tr['epochs']}, global batch {tr['global_batch_size']}",
+             f"- sampling: T={s['temperature']}, top_p={s['top_p']}, top_k={s['top_k']}, "
+             f"max_new_tokens={s['max_new_tokens']}, seed {s['seed']}",
+             f"- weights: {dtype}"]
+    summary = summary or read_json(os.path.join(iter_dir(run_dir, t), SUMMARY))
+    if summary:
+        last = summary.get("last_quarter", {})
+        lines.append(f"- training: {summary.get('steps')} updates, wall {summary.get('wall_seconds', 0):.0f}s; "
+                     "last 25%: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
+    e = latest_evals(run_dir).get(t)
+    if e:
+        lines.append(f"- held-out ({e['num_prompts']} prompts of `{e['settings']['eval_split']}`): "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in e["spin"].items()))
+    lines += ["", "## Use", "", "DIR is this directory.", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "tok = AutoTokenizer.from_pretrained(DIR)  # carries the chat template used in training",
+              "model = AutoModelForCausalLM.from_pretrained(DIR)", "```", "",
+              "The paper's benchmarks: the Open LLM Leaderboard (v1) tasks with lm-eval-harness >= 0.4, "
+              "each with its leaderboard few-shot count, and MT-Bench with FastChat:", "",
+              "```bash",
+              "for t in arc_challenge:25 truthfulqa_mc2:0 winogrande:5 gsm8k:5 hellaswag:10 mmlu:5; do",
+              "  lm_eval --model hf --model_args pretrained=DIR,dtype=bfloat16 --tasks ${t%:*} "
+              "--num_fewshot ${t#*:} --batch_size auto --output_path results/",
+              "done",
+              "python -m fastchat.llm_judge.gen_model_answer --model-path DIR --model-id spin-iter" + str(t),
+              "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""The Flax model against transformers' PyTorch models (logits, export round trip, the real SmolLM2)
+and the attention backward against torch in float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spin_jax.io import hf
+from spin_jax.model import transformer
+from spin_jax.model.config import tiny_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def torch_tiny(arch, seed=0):
+    """A random transformers model built by transformers itself (our code not involved)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="eager")
+    if arch == "llama":
+        c = transformers.LlamaConfig(**common, rope_theta=10000.0,
+                                     rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 16})
+        m = transformers.LlamaForCausalLM(c)
+    elif arch == "llama_tied":
+        c = transformers.LlamaConfig(**{**common, "tie_word_embeddings": True}, rope_theta=500.0)
+        m = transformers.LlamaForCausalLM(c)
+    elif arch == "mistral":
+        c = transformers.MistralConfig(**common, sliding_window=4, rope_theta=10000.0)
+        m = transformers.MistralForCausalLM(c)
+    elif arch == "qwen2":
+        c = transformers.Qwen2Config(**common, rope_theta=1000000.0, use_sliding_window=False)
+        m = transformers.Qwen2ForCausalLM(c)
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # non-trivial norm weights and biases so they are tested too
+        for name, p in m.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return m.eval()
+
+
+def torch_logits(m, tokens):
+    with torch.no_grad():
+        return m(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "mistral", "qwen2"])
+def test_logits_match_transformers_tiny(arch, tmp_path):
+    m = torch_tiny(arch)
+    m.save_pretrained(tmp_path)
+    cfg, params = hf.read_hf_dir(str(tmp_path))
+    if arch == "mistral":
+        assert cfg.sliding_window == 4
+    tokens = np.random.default_rng(0).integers(0, 128, size=(2, 12))  # 12 > window 4
+    ref = torch_logits(m, tokens)
+    for block in (0, 5):  # whole attention; query blocks of 5, 5 and 2 against the keys they can see
+        ours, _ = jax.jit(lambda p, t: transformer.forward(p, cfg.replace(attn_block=block), t))(params, tokens)
+        assert rel_err(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_export_round_trip(arch, tmp_path):
+    cfg = tiny_config(arch, tie_embeddings=(arch == "llama"))
+    params = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(1)))
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 10))
+    ours, _ = transformer.forward(params, cfg, tokens)
+    hf.export_hf_dir(params, cfg, str(tmp_path / "out"))
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert rel_err(ours, torch_logits(m.eval(), tokens)) <= 1e-4
+    cfg2, params2 = hf.read_hf_dir(str(tmp_path / "out"))
+    assert cfg2 == cfg
+    back, _ = transformer.forward(params2, cfg2, tokens)
+    assert rel_err(back, ours) <= 1e-6
+
+
+def test_smollm2_logits_match_transformers_gguf(smollm2, smollm2_torch, smollm2_torch_tokenizer):
+    """The real 135M model, loaded from the same GGUF by both sides (each its own dequantizer)."""
+    text = ["The capital of France is Paris, and the capital of Germany is",
+            "def fibonacci(n):\n    if n < 2:\n        return n\n"]
+    ids = [smollm2_torch_tokenizer(t)["input_ids"][:12] for t in text]
+    tokens = np.array(ids)
+    ours, _ = jax.jit(lambda p, t: transformer.forward(p, smollm2.cfg, t))(smollm2.params, tokens)
+    assert rel_err(ours, torch_logits(smollm2_torch, tokens)) <= 1e-4
+
+
+def test_attention_backward_matches_torch_float64():
+    """The hand-written attention backward against torch autograd of plain softmax attention in
+    float64, on a mask with a prompt, causal responses and left-padding rows that see no valid key
+    (defined to output 0; their output gradient is nonzero here, so that case is checked too)."""
+    rng = np.random.default_rng(0)
+    b, t, h, kh, e, p = 2, 5, 4, 2, 8, 2
+    s = p + t
+    q, kt, v, d_out = (rng.standard_normal(shape).astype(np.float32) for shape in
+                       ((b, t, h, e), (b, kh, e, s), (b, kh, s, e), (b, t, h, e)))
+    k_valid = np.ones((b, s), bool)
+    k_valid[1, :4] = False  # batch row 1: queries 0 and 1 (slots 2, 3) see no valid key
+    mask = (np.arange(s)[None, None, :] <= (p + np.arange(t))[None, :, None]) & k_valid[:, None, :]
+    assert not mask[1, :2].any() and mask[1, 2:].any(-1).all()
+
+    # whole, and in query blocks of 2, 2 and 1 that each see keys up to their last query's slot
+    ours = [jax.vjp(lambda q, kt, v: transformer.causal_attention(q, kt, v, jnp.asarray(mask), p, block), q, kt, v)
+            for block in (0, 2)]
+
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, kt, v))
+    qg = tq.reshape(b, t, kh, h // kh, e).permute(0, 2, 3, 1, 4)  # [B, K, G, T, E]
+    scores = torch.einsum("bkgte,bkes->bkgts", qg, tk) / np.sqrt(e)
+    scores = scores.masked_fill(~torch.tensor(mask)[:, None, None], -1e300)
+    o = torch.einsum("bkgts,bkse->bkgte", torch.softmax(scores, -1), tv)
+    t_out = o.permute(0, 3, 1, 2, 4).reshape(b, t, h, e) * torch.tensor(mask.any(-1))[:, :, None, None]
+    t_out.backward(torch.tensor(d_out, dtype=torch.float64))
+    for out, vjp in ours:
+        assert rel_err(out, t_out.detach().numpy()) <= 1e-5
+        for got, ref in zip(vjp(jnp.asarray(d_out)), (tq.grad, tk.grad, tv.grad)):
+            assert rel_err(got, ref.numpy()) <= 1e-5
