@@ -1,6 +1,7 @@
 # spin_jax: every target builds or refreshes its own virtual environment first.
 #   make train ITER=0            one SPIN iteration with the CPU default config
-#   make test                    the test suite (installs the test extras too)
+#   make test                    ruff, then the test suite (installs the test extras too)
+#   make lint                    ruff only (lint + import order)
 #   make evaluate ITER=0         held-out metrics of iteration 0's model -> runs/<run>/eval.jsonl
 #   make report                  runs/<run>/report/report.md with plots (RUN=dir, OUT=dir optional)
 #   make export ITER=0 OUT=dir   iteration 0's model as an HF directory with a model card
@@ -19,7 +20,7 @@ DEV_HASH := $(shell cat requirements-dev.txt | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.stamp-runtime-$(REQ_HASH)
 DEV_STAMP := $(VENV)/.stamp-dev-$(DEV_HASH)
 
-.PHONY: venv venv-dev test train generate spin bench bench-generate bench-train evaluate report export clean
+.PHONY: venv venv-dev lint test train generate spin bench bench-generate bench-train evaluate report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
@@ -38,7 +39,10 @@ $(DEV_STAMP): $(STAMP)
 	rm -f $(VENV)/.stamp-dev-*
 	touch $@
 
-test: venv-dev
+lint: venv-dev
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q $(ARGS)
 
 train: venv

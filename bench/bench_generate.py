@@ -17,7 +17,6 @@ import platform
 import time
 
 import jax
-import numpy as np
 
 
 def main() -> None:
@@ -60,7 +59,8 @@ def main() -> None:
         results.append(row)
         line = f"batch {b:3d}: spin_jax {ours:7.1f} tok/s (steady {steady:.2f}s, compile {first - steady:.1f}s)"
         if hf is not None:
-            line += f" | transformers generate {row['torch_tok_s']:7.1f} tok/s ({t_hf:.2f}s) | ratio {row['ratio']:.2f}x"
+            line += (f" | transformers generate {row['torch_tok_s']:7.1f} tok/s ({t_hf:.2f}s)"
+                     f" | ratio {row['ratio']:.2f}x")
         print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
