@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
 from spin_jax import logs, rundir
-from spin_jax.errors import Preempted
+from spin_jax.config import ConfigError
+from spin_jax.errors import Preempted, SpinError, UsageError
 
 
 def main(argv=None) -> None:
@@ -18,6 +20,7 @@ def main(argv=None) -> None:
         parser.print_help()
         sys.exit(2)
     logs.configure()
+    debug = args.debug or bool(os.environ.get("SPIN_JAX_TRACEBACK"))
     if args.command not in ("report",):  # report reads files only: no JAX
         enable_compile_cache()
     try:
@@ -25,12 +28,28 @@ def main(argv=None) -> None:
     except Preempted as e:  # training saved a checkpoint on SIGTERM: a clean stop
         logging.getLogger("spin_jax").info(str(e))
         sys.exit(0)
-    except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
-        if os.environ.get("SPIN_JAX_TRACEBACK"):
+    except USER_ERRORS as e:  # the message says what was wrong and what to do; --debug: the traceback
+        if debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"spin-jax {args.command}: error: {msg}", file=sys.stderr)
-        sys.exit(1)
+        print(f"spin-jax {args.command}: error: {user_message(e)}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, (ConfigError, UsageError)) else 1)
+
+
+# Errors of the user's input, files or machine (exit 2: usage, nothing ran; exit 1: failed work).
+# Anything else is a bug in spin_jax and keeps its traceback.
+USER_ERRORS = (ConfigError, UsageError, SpinError, ValueError, KeyError, NotImplementedError, OSError)
+
+
+def user_message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        detail = f" ({e.strerror})" if e.strerror and "No space left" not in e.strerror else ""
+        return f"no space left on the device{where}{detail}; free some space and rerun the same command (it resumes)"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 def enable_compile_cache() -> None:
@@ -62,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, help='JSONL rows {"prompt": str, "response": str}')
     s.add_argument("--output", required=True, help='JSONL: each row plus "logp" and "n_tokens"')
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--max-length", type=int, default=2048)
+    s.add_argument("--max-length", type=int, default=None,
+                   help="longest prompt + response in tokens (default: the model's max_position_embeddings)")
     s.add_argument("--vocab-chunk", type=int, default=0, help="compute logits this many vocab columns at a time")
     s.add_argument("--dtype", default=None, help="compute dtype (default: float32)")
     s.set_defaults(func=cmd_score)
@@ -78,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--max-prompt-length", type=int, default=None,
+                   help="longest prompt in tokens (default: the model's max_position_embeddings - --max-new-tokens)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default=None)
@@ -112,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weight dtype (default: the stored one)")
     s.set_defaults(func=cmd_export)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -171,17 +195,36 @@ def cmd_sample(args) -> None:
     from spin_jax.sampling import Sampler, SamplingParams, progress_bar
 
     if args.input and not args.output:
-        raise ValueError("--input needs --output")
-    rows = [{"prompt": args.prompt}] if args.prompt else scoring.read_jsonl(args.input, required=("prompt",))
+        raise UsageError("--input needs --output")
+    if args.output:
+        rundir.check_output_file(args.output, "--output", inputs=[args.input])
+    problems = [msg for bad, msg in (
+        (not args.greedy and args.temperature <= 0,
+         f"--temperature {args.temperature}: must be > 0; for deterministic sampling use --greedy"),
+        (not 0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1] (1: off)"),
+        (args.top_k < 0, f"--top-k {args.top_k}: must be >= 0 (0: off)"),
+        (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: must be >= 1"),
+        (args.batch_size < 1, f"--batch-size {args.batch_size}: must be >= 1")) if bad]
+    if problems:
+        raise UsageError("; ".join(problems))
+    lines: list[int] = []
+    rows = [{"prompt": args.prompt}] if args.prompt else scoring.read_jsonl(args.input, ("prompt",), lines)
     model = load_model(args.model, dtype=args.dtype)
     tok = model.tokenizer
+    limit = args.max_prompt_length or model.cfg.max_position_embeddings - args.max_new_tokens
+    prompts = [tokenize.prompt_ids(tok, r["prompt"]) for r in rows]
+    for i, p in enumerate(prompts):
+        if len(p) > limit:
+            where = f"{args.input}:{lines[i]}" if args.input else "--prompt"
+            raise ValueError(f"{where}: the prompt is {len(p)} tokens, over the limit of {limit} (--max-prompt-length; "
+                             f"by default the model's {model.cfg.max_position_embeddings} positions less "
+                             "--max-new-tokens); shorten it")
     sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, greedy=args.greedy, stop_ids=(tokenize.end_of_turn_id(tok),))
     sampler = Sampler(model.cfg, batch_size=min(args.batch_size, len(rows)) if args.prompt else args.batch_size,
                       pad_id=tok.pad_token_id or 0)
     update, bar = progress_bar(len(rows))
-    samples = sampler.generate(sampler.place(model.params), [tokenize.prompt_ids(tok, r["prompt"]) for r in rows],
-                               sp, seed=args.seed, progress=update)
+    samples = sampler.generate(sampler.place(model.params), prompts, sp, seed=args.seed, progress=update)
     bar.close()
     out = [{**row, "response": smp.text(tok), "n_tokens": smp.n_tokens, "finish_reason": smp.finish_reason}
            for row, smp in zip(rows, samples)]
@@ -196,8 +239,15 @@ def cmd_score(args) -> None:
     from spin_jax import scoring
     from spin_jax.io.load import load_model
 
-    rows = scoring.read_jsonl(args.input, required=("prompt", "response"))
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length or 2, 2),
+                             ("--vocab-chunk", args.vocab_chunk, 0)):
+        if value < low:
+            raise UsageError(f"{flag} {value}: must be >= {low}")
+    rundir.check_output_file(args.output, "--output", inputs=[args.input])
+    lines: list[int] = []
+    rows = scoring.read_jsonl(args.input, ("prompt", "response"), lines)
     model = load_model(args.model, dtype=args.dtype)
-    n = rundir.write_jsonl(args.output, scoring.score_rows(model, rows, args.batch_size, args.max_length,
-                                                           args.vocab_chunk))
+    scored = scoring.score_rows(model, rows, args.batch_size, args.max_length, args.vocab_chunk,
+                                where=[f"{args.input}:{n}" for n in lines])
+    n = rundir.write_jsonl(args.output, scored)
     print(f"wrote {n} rows to {args.output}")

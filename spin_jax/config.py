@@ -73,6 +73,7 @@ class TrainSection:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
+    max_skipped_fraction: float = 0.1  # more updates skipped (non-finite loss or gradients) stops training
 
     def lr_for_iter(self, t: int) -> float:
         return lr_for_iter(self.learning_rate, self.learning_rates, t)
@@ -122,44 +123,169 @@ def lr_for_iter(learning_rate: float, learning_rates, t: int) -> float:
     return float(learning_rates[min(t, len(learning_rates) - 1)])
 
 
+class ConfigError(ValueError):
+    """Bad config values, all of them: each line names the key, the value, where it came from (the
+    YAML file and line, or the --set) and what is allowed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} config errors:\n  " + "\n  ".join(problems))
+
+
 def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The config of a YAML file with dotted `key=value` overrides, type-checked and validated in one
+    pass; every problem found is reported at once (ConfigError)."""
     raw: dict = {}
+    sources: dict[str, str] = {}  # dotted key -> "file:line" or "--set key=value"
     if path:
+        if os.path.isdir(path):
+            raise ConfigError([f"--config {path}: a directory; expected a YAML file (see configs/)"])
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"config {path} not found (see configs/ for the shipped ones)") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            raise ConfigError([f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})"]) from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+            raise ConfigError([f"{path}: expected a mapping of sections at the top level"])
+        sources.update(_yaml_lines(yaml.compose(text), path, ""))
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected key.path=value, e.g. train.learning_rate=1e-5")
-        node = raw
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        if not sep or not all(parts):
+            raise ConfigError([f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.learning_rate=1e-5"])
+        node = raw
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return _build(Config, raw, path or "<overrides>", "")
+            if not isinstance(node, dict):
+                raise ConfigError([f"--set {item}: {'.'.join(parts[:i + 1])} is a value, not a section"])
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+        sources[".".join(parts)] = f"--set {item}"
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", _Where(sources, path or "--set"), problems)
+    if not problems:
+        problems = [f"{_Where(sources, path or 'defaults')(key)}: {key}={value!r}: {allowed}"
+                    for key, value, allowed in validate(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
-def _build(cls, raw: dict, where: str, prefix: str):
+def validate(cfg: Config) -> list[tuple[str, Any, str]]:
+    """(key, value, what is allowed) for every value out of range or inconsistent with another."""
+    bad = []
+
+    def need(ok: bool, key: str, value, allowed: str):
+        if not ok:
+            bad.append((key, value, allowed))
+
+    m, d, s, t, mesh = cfg.model, cfg.data, cfg.sampling, cfg.train, cfg.mesh
+    dtypes = ("float32", "bfloat16", "float16")
+    need(m.dtype in dtypes, "model.dtype", m.dtype, f"one of {', '.join(dtypes)}")
+    need(m.param_dtype in dtypes, "model.param_dtype", m.param_dtype, f"one of {', '.join(dtypes)}")
+    need(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "one of none, full, dots")
+    need(m.attn_block >= 0, "model.attn_block", m.attn_block, ">= 0 (0: one block)")
+    need(d.name in ("sharegpt", "ultrachat_200k"), "data.name", d.name, "sharegpt or ultrachat_200k")
+    need(d.num_prompts >= 1, "data.num_prompts", d.num_prompts, ">= 1")
+    need(d.num_eval_prompts >= 1, "data.num_eval_prompts", d.num_eval_prompts, ">= 1")
+    need(0 < d.max_prompt_length < d.max_length, "data.max_prompt_length", d.max_prompt_length,
+         f">= 1 and < data.max_length ({d.max_length}): responses get max_length - max_prompt_length tokens")
+    need(0.0 <= d.max_bad_fraction < 1.0, "data.max_bad_fraction", d.max_bad_fraction, "in [0, 1)")
+    need(s.max_new_tokens >= 1, "sampling.max_new_tokens", s.max_new_tokens, ">= 1")
+    need(s.greedy or s.temperature > 0, "sampling.temperature", s.temperature,
+         "> 0 (for deterministic sampling set sampling.greedy=true instead)")
+    need(0.0 < s.top_p <= 1.0, "sampling.top_p", s.top_p, "in (0, 1] (1: off)")
+    need(s.top_k >= 0, "sampling.top_k", s.top_k, ">= 0 (0: off)")
+    need(s.batch_size >= 1, "sampling.batch_size", s.batch_size, ">= 1")
+    need(s.decode_phases >= 1, "sampling.decode_phases", s.decode_phases, ">= 1")
+    need(s.chunk_size >= 1, "sampling.chunk_size", s.chunk_size, ">= 1")
+    need(t.beta > 0, "train.beta", t.beta, "> 0 (the paper: 0.1)")
+    need(t.loss_type in ("sigmoid", "hinge", "ipo"), "train.loss_type", t.loss_type, "one of sigmoid, hinge, ipo")
+    need(t.optimizer in ("rmsprop", "adamw"), "train.optimizer", t.optimizer, "rmsprop or adamw")
+    need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0 (the paper: 5e-7)")
+    need(all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in t.learning_rates),
+         "train.learning_rates", list(t.learning_rates), "a list of numbers > 0, one per iteration")
+    need(0.0 <= t.warmup_ratio <= 1.0, "train.warmup_ratio", t.warmup_ratio, "in [0, 1]")
+    need(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+    need(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, ">= 1 (pairs per update)")
+    need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
+    if t.global_batch_size >= 1 and t.grad_accum >= 1:
+        need(t.global_batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
+             f"a divisor of train.global_batch_size ({t.global_batch_size})")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, ">= 0 (0: no clipping)")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    need(t.opponent_logps in ("precomputed", "in_step"), "train.opponent_logps", t.opponent_logps,
+         "precomputed or in_step")
+    need(t.vocab_chunk >= 0, "train.vocab_chunk", t.vocab_chunk, ">= 0 (0: the whole vocab at once)")
+    need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1 (updates)")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    need(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    need(0.0 <= t.max_skipped_fraction <= 1.0, "train.max_skipped_fraction", t.max_skipped_fraction, "in [0, 1]")
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(mesh, axis)
+        need(size == -1 or size >= 1, f"mesh.{axis}", size, ">= 1, or -1 for all devices left")
+    need([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1, "mesh", dataclasses.asdict(mesh),
+         "at most one axis -1")
+    return bad
+
+
+class _Where:
+    """Where a dotted key's value came from: its own line or --set, else its section's, else the file."""
+
+    def __init__(self, sources: dict, default: str):
+        self.sources, self.default = sources, default
+
+    def __call__(self, key: str) -> str:
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0]
+        return self.default
+
+
+def _yaml_lines(node, path: str, prefix: str) -> dict[str, str]:
+    """dotted key -> "path:line" for every key of a composed YAML mapping."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            out[key] = f"{path}:{k.start_mark.line + 1}"
+            out.update(_yaml_lines(v, path, key + "."))
+    return out
+
+
+def _build(cls, raw, prefix: str, where: _Where, problems: list[str]):
+    """cls from a mapping; unknown keys and wrong types are added to `problems` (defaults kept)."""
+    section = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping")
+        problems.append(f"{where(section)}: {section} must be a mapping of keys, got {raw!r}")
+        return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            raise ValueError(f"{where}: unknown key {prefix}{key!r}; known: {', '.join(fields)}")
-        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+            problems.append(f"{where(prefix + str(key))}: unknown key {prefix}{key!r}; known: {', '.join(fields)}")
+            continue
+        try:
+            kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", where, problems)
+        except ValueError as e:
+            problems.append(f"{where(prefix + key)}: {e}")
     return cls(**kwargs)
 
 
-def _coerce(hint, value: Any, where: str, key: str):
+def _coerce(hint, value: Any, key: str, where: _Where, problems: list[str]):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where, key + ".")
+        return _build(hint, value, key + ".", where, problems)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:  # Optional[X]
         if value is None:
@@ -167,7 +293,7 @@ def _coerce(hint, value: Any, where: str, key: str):
         hint = next(a for a in args if a is not type(None))
     if hint is tuple or origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: {key} must be a list, got {value!r}")
+            raise ValueError(f"{key} must be a list, got {value!r}")
         return tuple(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
         try:
@@ -177,7 +303,7 @@ def _coerce(hint, value: Any, where: str, key: str):
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ValueError(f"{where}: {key} must be {hint.__name__}, got {value!r}")
+        raise ValueError(f"{key} must be {hint.__name__}, got {value!r}")
     if hint is float and not isinstance(value, float):
-        raise ValueError(f"{where}: {key} must be a number, got {value!r}")
+        raise ValueError(f"{key} must be a number, got {value!r}")
     return value

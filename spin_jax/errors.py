@@ -9,3 +9,23 @@ class Preempted(Exception):
     def __init__(self, step: int, directory: str):
         super().__init__(f"SIGTERM: checkpoint {step} saved to {directory}; rerun the same command to resume")
         self.step, self.directory = step, directory
+
+
+class UsageError(ValueError):
+    """A command-line flag out of range: the command exits 2 before any work."""
+
+
+class SpinError(RuntimeError):
+    """Work that failed for a reason the message explains: the command exits 1 without a traceback."""
+
+
+class TooManySkipped(SpinError):
+    """Training skipped more updates (non-finite loss or gradients) than train.max_skipped_fraction."""
+
+
+class NonFiniteParams(SpinError):
+    """Parameters with NaN or Inf: never exported or handed on as the next opponent."""
+
+
+class RunLocked(SpinError):
+    """Another process holds the iteration directory."""

@@ -39,6 +39,7 @@ from spin_jax.data import examples as ex
 from spin_jax.data import store as store_lib
 from spin_jax.data import tokenize
 from spin_jax.data.prompts import prompt_rows
+from spin_jax.errors import UsageError
 from spin_jax.io.load import load_model, load_model_for
 from spin_jax.sampling import Sampler, SamplingParams, derive_seed, progress_bar
 
@@ -114,21 +115,20 @@ def export_iteration(cfg: Config, t: int, out_dir: str, dtype: Optional[str] = N
     from spin_jax.io import hf
 
     src = rundir.model_specs(cfg.model.name, cfg.run_dir, t)[-1][1]
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"--out {out_dir} exists and is not empty; remove it or choose another directory")
+    rundir.check_new_dir(out_dir, "--out", protect=(src, cfg.run_dir))
     stored = rundir.read_json(os.path.join(src, "config.json"))
     dtype = dtype or stored.get("dtype") or stored.get("torch_dtype") or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+        raise UsageError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
     model = load_model(src)
     card = rundir.model_card(cfg.run_dir, t, dtype)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp", dir=parent)
-    try:
+    try:  # a fresh directory of our own, renamed into place whole
         hf.export_hf_dir(model.params, model.cfg, tmp, model.tokenizer, dtype=dtype,
                          extra_files={"README.md": card})
-        if os.path.exists(out_dir):
+        if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above)
         os.replace(tmp, out_dir)
     except BaseException:

@@ -4,10 +4,13 @@ The run directory's layout and files are `spin_jax.rundir`'s.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -41,9 +44,21 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
     With several processes every host samples and scores its own chunks (chunk c is host
     c % process_count's, shard-<host>-<chunk>) on a mesh of its own devices; all hosts must call
     this, and return together once the whole store is complete."""
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    with iteration_lock(cfg, t, "generate"):
+        return _generate(cfg, t, model, progress)
+
+
+def iteration_lock(cfg: Config, t: int, what: str):
+    """Process 0 holds iteration t's directory for the command (a second run fails at once)."""
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return rundir.locked(cfg.iter_dir(t), f"spin-jax {what} --iter {t}")
+
+
+def _generate(cfg: Config, t: int, model, progress: bool) -> str:
     from spin_jax.sampling import Sampler, SamplingParams, derive_seed, progress_bar
 
-    sharding.maybe_initialize_distributed(cfg.distributed)
     directory = rundir.store_dir(cfg.run_dir, t)
     store = store_lib.SyntheticStore(directory)
     model = model or load_model_for(cfg.model, opponent_spec(cfg, t))
@@ -118,23 +133,28 @@ def opponent_logps(cfg: Config, model, rows: list[dict], mesh, progress: bool = 
 
 def train_iteration(cfg: Config, t: int, progress: bool = True, stop_after=None) -> dict:
     """Generate iteration t's data if incomplete, then train θ(t+1) from θt against θt."""
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    if rundir.is_trained(cfg.run_dir, t):
+        log.info(f"iteration {t} is already trained: {cfg.iter_dir(t)}/model (delete it to train again)")
+        return rundir.read_or_rebuild_summary(cfg.run_dir, t)
+    with iteration_lock(cfg, t, "train"):
+        return _train_iteration(cfg, t, progress, stop_after)
+
+
+def _train_iteration(cfg: Config, t: int, progress: bool, stop_after) -> dict:
     from spin_jax import train
     from spin_jax.io import hf
 
-    sharding.maybe_initialize_distributed(cfg.distributed)
     out_dir = cfg.iter_dir(t)
-    if rundir.is_trained(cfg.run_dir, t):
-        log.info(f"iteration {t} is already trained: {out_dir}/model (delete it to train again)")
-        return rundir.read_json(os.path.join(out_dir, rundir.SUMMARY))
     t_start = time.time()
+    mesh = sharding.mesh_from_config(cfg.mesh)  # a mesh the devices cannot form fails before any work
     model = load_model_for(cfg.model, opponent_spec(cfg, t))
     store = store_lib.SyntheticStore(rundir.store_dir(cfg.run_dir, t))
     incomplete = store.missing_count() or not store.shard_names() or \
         any(r.get("opponent_logp_real") is None for r in store.rows())
     sharding.barrier("store checked")  # every host sees the same store before any host writes
     if incomplete:
-        generate(cfg, t, model=model, progress=progress)
-    mesh = sharding.mesh_from_config(cfg.mesh)
+        _generate(cfg, t, model, progress)
     rows = store_lib.training_rows(cfg.run_dir, t, cfg.data.mix_previous)
     if cfg.train.opponent_logps == "precomputed":
         rows = with_current_opponent_logps(cfg, t, model, rows, sharding.local_mesh_from_config(cfg.mesh), progress)
@@ -167,10 +187,14 @@ def train_iteration(cfg: Config, t: int, progress: bool = True, stop_after=None)
         summary = rundir.summarize(summary, time.time() - t_start, t, cfg.run_dir)
         rundir.write_json(os.path.join(out_dir, rundir.SUMMARY), summary)
         card = rundir.model_card(cfg.run_dir, t, model.cfg.param_dtype, summary)
-        model_dir = rundir.model_dir(cfg.run_dir, t)
-        hf.export_hf_dir(final, model.cfg, model_dir + ".tmp", model.tokenizer,
-                         dtype=model.cfg.param_dtype, extra_files={"README.md": card})
-        os.replace(model_dir + ".tmp", model_dir)
+        tmp = tempfile.mkdtemp(prefix=".model.tmp", dir=out_dir)  # ours alone; renamed into place whole
+        try:
+            hf.export_hf_dir(final, model.cfg, tmp, model.tokenizer, dtype=model.cfg.param_dtype,
+                             extra_files={"README.md": card})
+            os.replace(tmp, rundir.model_dir(cfg.run_dir, t))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         log.info("\n" + rundir.format_summary(summary))
     sharding.barrier("train")
     return summary

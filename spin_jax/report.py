@@ -14,33 +14,63 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
 from spin_jax import rundir
+from spin_jax.errors import UsageError
 
 TRAIN_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies")
 FIGSIZE, DPI = (12.0, 7.0), 100
 TRAIN_PNG, HELDOUT_PNG = "train_curves.png", "heldout.png"
+REPORT_FILES = {"report.md", TRAIN_PNG, HELDOUT_PNG}
 
 
 def write_report(run_dir: str, out_dir: str | None = None) -> str:
     """Render report.md and its PNGs into out_dir (default run_dir/report); returns report.md's path."""
     iters = rundir.iterations(run_dir)
-    out_dir = out_dir or os.path.join(run_dir, "report")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.join(run_dir, "report") if out_dir is None else out_dir
+    check_report_dir(out_dir, run_dir)
     info = {t: iteration_info(run_dir, t) for t in iters}
     evals = rundir.latest_evals(run_dir)
-    figures = []
-    if any(i["metrics"] for i in info.values()):
-        plot_training(info, os.path.join(out_dir, TRAIN_PNG))
-        figures.append(TRAIN_PNG)
-    if evals:
-        plot_heldout(evals, os.path.join(out_dir, HELDOUT_PNG))
-        figures.append(HELDOUT_PNG)
-    path = os.path.join(out_dir, "report.md")
-    rundir.atomic_write(path, render_markdown(run_dir, info, evals, figures))
-    return path
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp", dir=parent)
+    try:  # a fresh directory of our own, then it replaces the previous report whole
+        figures = []
+        if any(i["metrics"] for i in info.values()):
+            plot_training(info, os.path.join(tmp, TRAIN_PNG))
+            figures.append(TRAIN_PNG)
+        if evals:
+            plot_heldout(evals, os.path.join(tmp, HELDOUT_PNG))
+            figures.append(HELDOUT_PNG)
+        rundir.atomic_write(os.path.join(tmp, "report.md"), render_markdown(run_dir, info, evals, figures))
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.old", dir=parent)
+            os.replace(out_dir, os.path.join(old, "report"))  # a report of ours (check_report_dir)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.join(out_dir, "report.md")
+
+
+def check_report_dir(out_dir: str, run_dir: str) -> None:
+    """The output directory is new, empty, or an earlier report (only the files a report writes);
+    anything else is refused before any work."""
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir):
+        extra = set(os.listdir(out_dir)) - REPORT_FILES
+        if extra:
+            raise UsageError(f"--out {out_dir} holds files a report does not write ({', '.join(sorted(extra)[:3])}); "
+                             "choose a new directory")
+        return
+    iteration_dirs = [rundir.iter_dir(run_dir, t) for t in rundir.iterations(run_dir)]
+    rundir.check_new_dir(out_dir, "--out", protect=iteration_dirs)
 
 
 def iteration_info(run_dir: str, t: int) -> dict:

@@ -15,14 +15,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
+import time
 from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
 from spin_jax.config import lr_for_iter
+from spin_jax.errors import RunLocked, UsageError
 
 METRICS, SUMMARY, CONFIG, EVAL, EVAL_SAMPLES = ("metrics.jsonl", "summary.json", "config.json", "eval.jsonl",
                                                 "eval_samples.jsonl")
@@ -120,11 +124,65 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
     fsync_dir(directory)
 
 
+def check_new_dir(path: str, flag: str, protect: Sequence[str] = ()) -> None:
+    """A directory to create (or an empty one to fill): refuse an empty name, a file, a symlink, a
+    non-empty directory, and any path that is or holds one of `protect` or lies inside it."""
+    if not path or not path.strip():
+        raise UsageError(f"{flag} is empty; give the path of a new directory")
+    if os.path.islink(path):
+        raise UsageError(f"{flag} {path} is a symlink; give the path of a new directory")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file; give the path of a new directory")
+    if os.path.isdir(path) and os.listdir(path):
+        raise UsageError(f"{flag} {path} exists and is not empty; remove it or choose another directory")
+    real = os.path.realpath(path)
+    for p in protect:
+        p = os.path.realpath(p)
+        if real == p or real.startswith(p + os.sep) or p.startswith(real + os.sep):
+            raise UsageError(f"{flag} {path} overlaps {p}, which it must not touch; choose another directory")
+
+
+def check_output_file(path: str, flag: str, inputs: Sequence[str] = ()) -> None:
+    """An output file, checked before any work: a name, not a directory, not one of `inputs`, in
+    an existing directory where a file can be created."""
+    if not path or not path.strip():
+        raise UsageError(f"{flag} is empty; give a file path")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory; give a file path")
+    for i in inputs:
+        if i and os.path.realpath(i) == os.path.realpath(path):
+            raise UsageError(f"{flag} {path} is also the input; writing it would overwrite the input. "
+                             "Choose another output path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.check", dir=parent)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create a file in {parent} ({e.strerror})") from None
+
+
 def write_jsonl(path: str, rows: Iterable[dict]) -> int:
     """Rows as JSON lines (UTF-8 text kept as is), written atomically. Returns the row count."""
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
     atomic_write(path, "".join(lines))
     return len(lines)
+
+
+def check_free_space(directory: str, nbytes: int, what: str) -> None:
+    """OSError(ENOSPC) before writing `what` (about nbytes) into `directory` when its file system
+    has less room: a clear stop instead of a half-written file."""
+    import errno
+    import shutil
+
+    os.makedirs(directory, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    need = int(nbytes * 1.05) + (1 << 20)
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{what} needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free",
+                      directory)
 
 
 def fsync_dir(directory: str) -> None:
@@ -138,6 +196,32 @@ def fsync_dir(directory: str) -> None:
 def ids_digest(ids: Sequence[str]) -> str:
     """sha256 of a list of ids (order matters): the store's expected ids, evaluate's prompts."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def locked(directory: str, what: str) -> Iterator[None]:
+    """Hold an advisory lock on `directory`/.lock for the block (the kernel releases it when the
+    process dies). A second holder fails at once with RunLocked, naming the first one's PID and
+    host."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunLocked(f"{directory} is in use by {holder}; wait for it to finish or stop it, then rerun "
+                        "(two runs on one iteration would interleave their metrics and checkpoints)") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +310,24 @@ def quarter_means(history: list[dict], keys: Sequence[str] = SUMMARY_KEYS) -> tu
         return {key: sum(h[key] for h in part) / len(part) for key in keys if all(key in h for h in part)}
 
     return mean(history[:k]), mean(history[-k:])
+
+
+def read_or_rebuild_summary(run_dir: str, t: int) -> dict:
+    """A trained iteration's summary.json; rebuilt from metrics.jsonl (and rewritten) when it is
+    missing or torn, e.g. by a kill between the export and the summary."""
+    path = os.path.join(iter_dir(run_dir, t), SUMMARY)
+    try:
+        summary = read_json(path)
+    except ValueError:
+        summary = None
+    if isinstance(summary, dict) and "first_quarter" in summary:
+        return summary
+    rows = read_metrics(os.path.join(iter_dir(run_dir, t), METRICS))
+    counts = {"steps": len(rows), "skipped_updates": int(rows[-1].get("skipped", 0)) if rows else 0,
+              "train_seconds": 0.0, "rebuilt_from": METRICS}
+    summary = summarize(counts, 0.0, t, run_dir)
+    write_json(path, summary)
+    return summary
 
 
 def summarize(train_summary: dict, wall: float, t: int, run_dir: str) -> dict:

@@ -6,6 +6,7 @@ This is the forward that SPIN's loss, the opponent's stored log-probs and `spin-
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterable, Iterator
 
 import jax
@@ -56,9 +57,12 @@ def logps_fn(cfg, mesh, vocab_chunk: int, rows: int, group: int = 1):
                    out_shardings=sharding.batch_sharding(mesh, 1, rows))
 
 
-def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2048,
-               vocab_chunk: int = 0, mesh=None, progress: bool = True) -> Iterator[dict]:
-    """Yield each row with "logp" and "n_tokens" added, in input order."""
+def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int | None = None,
+               vocab_chunk: int = 0, mesh=None, progress: bool = True, where=None) -> Iterator[dict]:
+    """Yield each row with "logp" and "n_tokens" added, in input order. A row longer than
+    max_length tokens (default: the model's max_position_embeddings) is an error naming where[i]
+    (default "row i")."""
+    max_length = max_length or model.cfg.max_position_embeddings
     mesh = mesh or sharding.make_mesh()
     params = transformer.shard_params(model.params, model.cfg, mesh)
     fn = logps_fn(model.cfg, mesh, vocab_chunk, batch_size)
@@ -67,8 +71,8 @@ def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int = 2
     responses = [tokenize.response_ids(tok, r["response"]) for r in rows]
     for i, (p, r) in enumerate(zip(prompts, responses)):
         if len(p) + len(r) > max_length:
-            raise ValueError(f"row {i}: prompt + response is {len(p) + len(r)} tokens, "
-                             f"over --max-length {max_length}; raise it or shorten the row")
+            raise ValueError(f"{where[i] if where else f'row {i}'}: prompt + response is {len(p) + len(r)} "
+                             f"tokens, over --max-length {max_length}; shorten the row")
     logps = logps_in_batches(fn, params, prompts, responses, batch_size, tok.pad_token_id or 0, mesh,
                              progress, desc="score")
     for row, lp, r in zip(rows, logps, responses):
@@ -112,8 +116,11 @@ def pair_logps(fn, params, encoded, rows: int, pad_id: int, mesh, progress: bool
                             group=2).reshape(-1, 2)
 
 
-def read_jsonl(path: str, required: Iterable[str]) -> list[dict]:
-    """Rows of a JSONL file; a bad line is an error naming the file, line and field."""
+def read_jsonl(path: str, required: Iterable[str], lines: list | None = None) -> list[dict]:
+    """Rows of a JSONL file; a bad line is an error naming the file, line and field. With `lines`,
+    each row's line number is appended to it (for errors that name the row)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; expected a JSONL file")
     rows = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -132,4 +139,6 @@ def read_jsonl(path: str, required: Iterable[str]) -> list[dict]:
                     what = "missing" if key not in row else f"a {type(row[key]).__name__}, not a string"
                     raise ValueError(f"{path}:{n}: field {key!r} is {what}")
             rows.append(row)
+            if lines is not None:
+                lines.append(n)
     return rows

@@ -18,6 +18,8 @@ both give the same loss.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import logging
@@ -36,7 +38,7 @@ from spin_jax import loss as loss_lib
 from spin_jax import rundir, scoring, sharding
 from spin_jax.config import TrainSection
 from spin_jax.data.tokenize import SpinBatch
-from spin_jax.errors import Preempted
+from spin_jax.errors import Preempted, TooManySkipped
 from spin_jax.model import transformer
 from spin_jax.model.config import ModelConfig
 
@@ -185,15 +187,17 @@ def device_batch(batch: SpinBatch, mesh, tcfg: TrainSection) -> SpinBatch:
 
 
 class Trainer:
-    """Owns one iteration's jitted step, its orbax CheckpointManager and its metrics writer.
+    """Owns one iteration's jitted step, its checkpoints (`Checkpoints`) and its metrics writer.
 
         trainer = Trainer(cfg, tcfg, mesh, steps, learning_rate, out_dir)
         final_params, summary = trainer.run(params, opponent_params, batches_from)
 
     batches_from(start_step) yields host-local SpinBatches (B prompts, 2B responses; see
     data.examples.make_batches) starting at that update. Checkpoints go to out_dir/checkpoints
-    every tcfg.checkpoint_every updates and at the end; a rerun resumes from the newest one at the
-    same data position. SIGTERM (spot/preemptible VMs) saves a checkpoint and raises Preempted.
+    every tcfg.checkpoint_every updates and at the end; a rerun resumes from the newest valid one
+    at the same data position, and metrics.jsonl is cut back to that step. SIGTERM (spot or
+    preemptible VMs) saves a checkpoint and raises Preempted. More than tcfg.max_skipped_fraction
+    of the updates skipped (non-finite loss or gradients) stops training with TooManySkipped.
     """
 
     def __init__(self, cfg: ModelConfig, tcfg: TrainSection, mesh, steps: int, learning_rate: float,
@@ -201,28 +205,26 @@ class Trainer:
         self.cfg, self.tcfg, self.mesh, self.steps, self.out_dir = cfg, tcfg, mesh, steps, out_dir
         self.progress = progress
         self.tx, self.schedule = make_optimizer(tcfg, steps, learning_rate)
-        self.ckpt_dir = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+        self.checkpoints = Checkpoints(os.path.join(out_dir, "checkpoints"), tcfg.keep_checkpoints)
 
     def run(self, params, opponent_params, batches_from: Callable[[int], Iterator[SpinBatch]],
             stop_after: Optional[int] = None):
         """Train for self.steps updates (or until `stop_after`); returns (final params as numpy,
         summary {"steps", "skipped_updates", "train_seconds"})."""
-        import orbax.checkpoint as ocp
-
         shapes = jax.eval_shape(lambda p: init_state(p, self.tx), params)
         state_sh = state_shardings(self.cfg, self.mesh, shapes, self.tx)
         in_step = self.tcfg.opponent_logps == "in_step"
         # precomputed mode: the log-probs come with the batch, so no second model is in memory
         opponent = jax.device_put(opponent_params, state_sh.params) if in_step else None
-        init = jax.jit(lambda p: init_state(p, self.tx), out_shardings=state_sh)
-        state = init(jax.device_put(params, state_sh.params))
-        ckpt = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
-            max_to_keep=self.tcfg.keep_checkpoints, enable_async_checkpointing=True))
-        start = ckpt.latest_step() or 0
-        if start:
-            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
-            state = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
-            log.info(f"resumed from checkpoint step {start} in {self.ckpt_dir}")
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
+        state, start = self.checkpoints.restore_latest(abstract)
+        if state is None:
+            init = jax.jit(lambda p: init_state(p, self.tx), out_shardings=state_sh)
+            state = init(jax.device_put(params, state_sh.params))
+        else:
+            log.info(f"resumed from checkpoint step {start} in {self.checkpoints.directory}")
+        truncate_metrics(self.out_dir, start)  # updates after the checkpoint are redone
+        max_skipped = int(self.tcfg.max_skipped_fraction * self.steps)
         step_fn = make_train_step(self.cfg, self.tcfg, self.tx, self.mesh, shapes)
         with _SigtermFlag() as sigterm, MetricsWriter(self.out_dir) as writer, self._bar(start) as bar:
             t0 = time.perf_counter()
@@ -234,19 +236,26 @@ class Trainer:
                 metrics.update(step=step + 1, learning_rate=float(self.schedule(step)))
                 if (step + 1) % self.tcfg.log_every == 0:
                     writer.write(metrics)
+                skipped = int(metrics["skipped"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}",
-                                acc=f"{metrics['rewards/accuracies']:.2f}")
+                                acc=f"{metrics['rewards/accuracies']:.2f}", **({"skipped": skipped} if skipped else {}))
+                if skipped > max_skipped:
+                    raise TooManySkipped(
+                        f"{skipped} of {step + 1} updates were skipped for a non-finite loss or gradients, more "
+                        f"than train.max_skipped_fraction={self.tcfg.max_skipped_fraction} of {self.steps}; nothing "
+                        f"was exported. Lower train.learning_rate or set train.max_grad_norm, then rerun (the "
+                        f"checkpoints in {self.checkpoints.directory} are kept)")
                 done = step + 1
                 term = _any_process(sigterm.raised)  # hosts save and stop at the same step
                 if done % self.tcfg.checkpoint_every == 0 or done == self.steps or term:
-                    ckpt.save(done, args=ocp.args.StandardSave(state), force=True)
+                    self.checkpoints.save(done, state)
                 if term:
-                    ckpt.wait_until_finished()
-                    raise Preempted(done, self.ckpt_dir)
+                    self.checkpoints.wait()
+                    raise Preempted(done, self.checkpoints.directory)
                 if stop_after is not None and done >= stop_after:
                     break
-            ckpt.wait_until_finished()
+            self.checkpoints.wait()
         summary = {"steps": int(state.step), "skipped_updates": int(state.skipped),
                    "train_seconds": time.perf_counter() - t0}
         return _to_host(state.params), summary
@@ -256,6 +265,102 @@ class Trainer:
 
         return tqdm(total=self.steps, initial=start, desc="train", unit="step",
                     disable=not self.progress or jax.process_index() != 0)
+
+
+class Checkpoints:
+    """TrainState checkpoints (orbax CheckpointManager), each saved with a checksum of its bytes.
+    Restoring verifies orbax's own files and the checksum; a damaged checkpoint is moved aside to
+    `<directory>_damaged/` (never deleted) and the previous one is tried."""
+
+    def __init__(self, directory: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True))
+
+    def save(self, step: int, state: TrainState) -> None:
+        self.wait()  # the previous save is complete, so the free space below is what is left
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        if jax.process_index() == 0:
+            rundir.check_free_space(self.directory, nbytes, f"checkpoint {step}")
+        checksum = np.asarray(state_checksum(state)).tolist()
+        with _disk_errors(self.directory):
+            self.manager.save(step, force=True, args=self.ocp.args.Composite(
+                state=self.ocp.args.StandardSave(state),
+                checksum=self.ocp.args.JsonSave({"version": 1, "state": checksum})))
+
+    def wait(self) -> None:
+        with _disk_errors(self.directory):
+            self.manager.wait_until_finished()
+
+    def restore_latest(self, abstract: TrainState):
+        """(state, step) of the newest checkpoint that reads back whole and matches its checksum, or
+        (None, 0) if there is none."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=self.ocp.args.Composite(
+                    state=self.ocp.args.StandardRestore(abstract), checksum=self.ocp.args.JsonRestore()))
+                if np.asarray(state_checksum(restored["state"])).tolist() != restored["checksum"]["state"]:
+                    raise ValueError("its contents do not match the checksum saved with it")
+                return restored["state"], step
+            except Exception as e:  # any way a checkpoint fails to read back is damage
+                why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            moved = self._set_aside(step)
+            log.warning(f"checkpoint {self.directory}/{step} is damaged ({why}); moved it to {moved} and "
+                        "trying the previous one")
+        return None, 0
+
+    def _set_aside(self, step: int) -> str:
+        aside = os.path.join(self.directory + "_damaged", f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+        sharding.barrier(f"checked checkpoint {step}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), aside)
+        sharding.barrier(f"moved checkpoint {step}")
+        self.manager.reload()
+        return aside
+
+
+@contextlib.contextmanager
+def _disk_errors(directory: str):
+    """orbax reports a full disk as a ValueError from its writer threads: make it the OSError it is."""
+    try:
+        yield
+    except ValueError as e:
+        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            raise OSError(errno.ENOSPC, "No space left on device", directory) from None
+        raise
+
+
+@jax.jit
+def state_checksum(tree):
+    """Two uint32 checksums per leaf of the bit patterns (their sum and an index-weighted sum):
+    exact integer arithmetic, so the same on any mesh and in any reduction order. [leaves, 2]"""
+    def words(x):
+        if x.dtype == jnp.bool_:
+            return x.astype(jnp.uint32).reshape(-1)
+        bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+
+    out = []
+    for x in jax.tree.leaves(tree):
+        w = words(jnp.asarray(x))
+        i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32),
+                              jnp.sum(w * (i * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)]))
+    return jnp.stack(out)
+
+
+def truncate_metrics(out_dir: str, step: int) -> None:
+    """Keep metrics.jsonl's lines of updates <= step (one per update): a resumed run logs the
+    updates after its checkpoint again."""
+    path = os.path.join(out_dir, rundir.METRICS)
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    rows = [r for r in rundir.read_metrics(path) if r["step"] <= step]
+    rundir.atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class _SigtermFlag:

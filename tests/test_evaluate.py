@@ -134,7 +134,7 @@ def test_export_of_a_trained_iteration_gives_transformers_our_logits(run):
     assert "lm_eval --model hf" in card
     p = cli(["export", "--config", CONFIG, "--iter", "1", "--out", out_dir, *run["sets"]], progress_flag=False)
     out, _ = p.communicate(timeout=300)
-    assert p.returncode == 1 and "not empty" in out, out  # never overwrites
+    assert p.returncode == 2 and "not empty" in out, out  # never overwrites (a usage error: nothing ran)
     from spin_jax.config import load_config
     from spin_jax.evaluate import export_iteration
 

@@ -15,9 +15,8 @@ from spin_jax.model.config import ModelConfig
 
 def read_gguf(path: str):
     """(ModelConfig, params pytree of float32 numpy arrays, metadata dict) from a GGUF file."""
-    import gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in ("llama", "mistral", "qwen2"):
@@ -29,9 +28,20 @@ def read_gguf(path: str):
 
 
 def read_gguf_metadata_only(path: str) -> dict:
+
+    return _metadata(open_gguf(path))
+
+
+def open_gguf(path: str):
+    """gguf.GGUFReader of `path`; a file that is not GGUF, or is cut short, is an error naming it."""
     import gguf
 
-    return _metadata(gguf.GGUFReader(path))
+    try:
+        return gguf.GGUFReader(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # the reader raises ValueError, struct and numpy errors on a damaged file
+        raise ValueError(f"{path}: not a readable GGUF file ({(str(e).splitlines() or [''])[0]})") from None
 
 
 def _metadata(reader) -> dict:

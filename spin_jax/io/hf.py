@@ -12,6 +12,8 @@ from typing import Optional
 
 import numpy as np
 
+from spin_jax import rundir
+from spin_jax.errors import NonFiniteParams
 from spin_jax.io import names
 from spin_jax.model.config import ModelConfig
 
@@ -20,7 +22,16 @@ _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qw
 
 def read_hf_dir(path: str):
     """(ModelConfig, params pytree of numpy arrays) from `config.json` + safetensors in `path`."""
-    cfg = config_from_hf(_read_json(os.path.join(path, "config.json")), path)
+    config_path = os.path.join(path, "config.json")
+    hf = _read_json(config_path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path}: expected a JSON object of model settings, got a {type(hf).__name__}")
+    try:
+        cfg = config_from_hf(hf, config_path)
+    except KeyError as e:
+        raise ValueError(f"{config_path}: missing key {e.args[0]!r}; is this a transformers model directory?") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
     tensors = _read_safetensors(path)
     return cfg, _params_from_hf(cfg, tensors, path)
 
@@ -77,10 +88,15 @@ def export_hf_dir(params, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype:
     """Write `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files."""
     from safetensors.numpy import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
+    torch_layout = params_to_hf(params, cfg)
+    bad = [k for k, v in torch_layout.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise NonFiniteParams(f"the parameters hold NaN or Inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}); "
+                              f"nothing was written to {out_dir}. Lower train.learning_rate or set "
+                              "train.max_grad_norm, delete the iteration's checkpoints and rerun")
     np_dtype = _np_dtype(dtype)
-    tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32).astype(np_dtype))
-               for k, v in params_to_hf(params, cfg).items()}
+    tensors = {k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in torch_layout.items()}
+    rundir.check_free_space(out_dir, sum(t.nbytes for t in tensors.values()), "the model's weights")
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     _write_json(os.path.join(out_dir, "config.json"), config_to_hf(cfg, tokenizer, dtype))
     gen = {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
@@ -114,7 +130,14 @@ def _read_safetensors(path: str) -> dict:
 
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+        root = os.path.realpath(path)
+        for name in files:  # the index names files of this directory, nothing outside it
+            if not isinstance(name, str) or not os.path.realpath(os.path.join(path, name)).startswith(root + os.sep):
+                raise ValueError(f"{index}: weight_map names {name!r}, outside the model directory; refused")
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -122,9 +145,16 @@ def _read_safetensors(path: str) -> dict:
                                 "(download the model with its safetensors weights)")
     tensors = {}
     for name in files:
-        with safe_open(os.path.join(path, name), framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = np.asarray(f.get_tensor(key))
+        file = os.path.join(path, name)
+        try:
+            with safe_open(file, framework="flax") as f:
+                for key in f.keys():
+                    tensors[key] = np.asarray(f.get_tensor(key))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{file}: not found (named by the model directory's index)") from None
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise ValueError(f"{file}: not a readable safetensors file ({(str(e).splitlines() or [''])[0]}); "
+                             "download it again") from None
     return tensors
 
 
@@ -135,12 +165,14 @@ def _np_dtype(dtype: str):
     return np.dtype(dtype)
 
 
-def _read_json(path: str) -> dict:
+def _read_json(path: str):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: an HF model directory needs config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _write_json(path: str, obj) -> None:
