@@ -243,3 +243,42 @@ def test_full_disk_is_one_clear_line_and_a_rerun_finishes(full_run, tiny_model_d
     subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
     rc, out = run(TRAIN + sets(tiny_model_dir, data_dir, runs, "disk"), env)
     assert rc == 0 and os.path.exists(os.path.join(it, "model", "model.safetensors")), out
+
+
+def test_damaged_model_files_are_errors_that_name_the_file(tiny_model_dir, tmp_path):
+    from spin_jax.io import gguf_io, hf
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(tiny_model_dir, d)
+        return d
+
+    d = copy("list_config")
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"^{d}/config.json: expected a JSON object"):
+        hf.read_hf_dir(str(d))
+    d = copy("torn_config")
+    (d / "config.json").write_text('{"model_type": "lla')
+    with pytest.raises(ValueError, match=rf"^{d}/config.json: not valid JSON"):
+        hf.read_hf_dir(str(d))
+    d = copy("no_heads")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["num_attention_heads"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"^{d}/config.json: missing key 'num_attention_heads'"):
+        hf.read_hf_dir(str(d))
+    d = copy("truncated")
+    truncate_half(d / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"^{d}/model.safetensors: not a readable safetensors file"):
+        hf.read_hf_dir(str(d))
+    d = copy("escaping_index")
+    (tmp_path / "outside.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "../outside.safetensors"}}))
+    with pytest.raises(ValueError, match="weight_map names '../outside.safetensors', outside the model directory"):
+        hf.read_hf_dir(str(d))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOTGGUF" + bytes(64))
+    with pytest.raises(ValueError, match=rf"^{bad}: not a readable GGUF file"):
+        gguf_io.read_gguf(str(bad))
