@@ -5,6 +5,7 @@
 #   make evaluate ITER=0         held-out metrics of iteration 0's model -> runs/<run>/eval.jsonl
 #   make report                  runs/<run>/report/report.md with plots (RUN=dir, OUT=dir optional)
 #   make export ITER=0 OUT=dir   iteration 0's model as an HF directory with a model card
+#   make plan TOPOLOGY=v5p-32    compile the config's programs for a TPU slice (installs libtpu into .venv/tpu)
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= configs/cpu_default.yaml
@@ -13,17 +14,23 @@ ITERS ?= 2
 ARGS ?=
 RUN ?=
 OUT ?=
+TOPOLOGY ?= v5e-8
 
 PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt requirements-embedded.txt pyproject.toml | sha1sum | cut -c1-12)
 DEV_HASH := $(shell cat requirements-dev.txt | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.stamp-runtime-$(REQ_HASH)
 DEV_STAMP := $(VENV)/.stamp-dev-$(DEV_HASH)
+TPU_HASH := $(shell cat requirements-tpu.txt | sha1sum | cut -c1-12)
+TPU_STAMP := $(VENV)/.stamp-tpu-$(TPU_HASH)
+# The TPU compiler lives apart, on PYTHONPATH for `plan` and its tests only: other commands never see libtpu.
+TPU_PATH := $(VENV)/tpu
 
-.PHONY: venv venv-dev lint test train generate spin bench bench-generate bench-train evaluate report export clean
+.PHONY: venv venv-dev venv-tpu plan lint test train generate spin bench bench-generate bench-train evaluate report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
+venv-tpu: $(STAMP) $(TPU_STAMP)
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +41,12 @@ $(STAMP):
 	rm -f $(VENV)/.stamp-runtime-*
 	touch $@
 
+$(TPU_STAMP): $(STAMP)
+	rm -rf $(TPU_PATH)
+	$(PY) -m pip install -q --no-deps --target $(TPU_PATH) -r requirements-tpu.txt
+	rm -f $(VENV)/.stamp-tpu-*
+	touch $@
+
 $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	rm -f $(VENV)/.stamp-dev-*
@@ -42,8 +55,11 @@ $(DEV_STAMP): $(STAMP)
 lint: venv-dev
 	$(VENV)/bin/ruff check .
 
-test: lint
-	$(PY) -m pytest -q $(ARGS)
+test: lint venv-tpu
+	SPIN_JAX_TPU_PATH=$(TPU_PATH) $(PY) -m pytest -q $(ARGS)
+
+plan: venv-tpu
+	PYTHONPATH=$(TPU_PATH) $(PY) -m spin_jax plan --config $(CONFIG) --topology $(TOPOLOGY) $(ARGS)
 
 train: venv
 	$(PY) -m spin_jax train --config $(CONFIG) --iter $(ITER) $(ARGS)

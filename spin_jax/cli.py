@@ -21,7 +21,9 @@ def main(argv=None) -> None:
         sys.exit(2)
     logs.configure()
     debug = args.debug or bool(os.environ.get("SPIN_JAX_TRACEBACK"))
-    if args.command not in ("report",):  # report reads files only: no JAX
+    if args.command == "plan":  # compiles for a TPU topology on this machine's CPU
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    elif args.command != "report":  # report reads files only: no JAX
         enable_compile_cache()
     try:
         args.func(args)
@@ -127,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="used only without --run")
     s.add_argument("--out", default=None, help="output directory (default: RUN/report)")
     s.set_defaults(func=cmd_report)
+    s = sub.add_parser("plan", help="compile every program of an iteration for a TPU slice: memory, FLOPs, roofline")
+    s.add_argument("--config", default="configs/cpu_default.yaml")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    s.add_argument("--topology", required=True, help="a TPU slice, e.g. v5p-32, v4-64, v5e-8, v6e-8, colab-v5e-1")
+    s.add_argument("--layers", type=int, default=None, help="compile only this many layers (a slice of the model)")
+    s.add_argument("--programs", default="train,score,sample", help="comma-separated: train, score, sample")
+    s.set_defaults(func=cmd_plan)
+
     s = sub.add_parser("export", help="iteration t's model as an HF directory with a model card")
     _config_args(s)
     s.add_argument("--iter", type=int, required=True)
@@ -180,6 +190,28 @@ def cmd_report(args) -> None:
     from spin_jax import report
 
     print(report.write_report(args.run or _load_config(args).run_dir, args.out))
+
+
+def cmd_plan(args) -> None:
+    cfg = _load_config(args)
+    programs = [p.strip() for p in args.programs.split(",") if p.strip()]
+    unknown = set(programs) - {"train", "score", "sample"}
+    if unknown or not programs:
+        raise UsageError(f"--programs {args.programs!r}: expected a comma-separated list of train, score, sample")
+    if args.layers is not None and args.layers < 1:
+        raise UsageError(f"--layers {args.layers}: must be >= 1")
+    from spin_jax import plan
+    from spin_jax.io.load import model_config_only
+
+    model_cfg = model_config_only(cfg.model.name, cfg.model.shapes_config)
+    plans = plan.plan(cfg, model_cfg, args.topology, layers=args.layers, programs=programs)
+    kind = plan.SLICES[plan.ALIASES.get(args.topology, args.topology)][0]
+    print(plan.format_plan(plans, args.topology, kind))
+    too_big = [p for p in plans if not p.fits]
+    if too_big:
+        raise SpinError("; ".join(f"{p.name} needs {p.peak_bytes / 1e9:.1f} GB per chip, over the "
+                                  f"{p.chip.hbm_bytes / 1e9:.1f} GB of a {kind} chip: {plan.advice(p, cfg)}"
+                                  for p in too_big))
 
 
 def cmd_export(args) -> None:

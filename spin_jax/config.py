@@ -22,6 +22,8 @@ class ModelSection:
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # none | full | dots
     attn_block: int = 128  # causal attention in query blocks of this many (skips keys after the block); 0: one block
+    # An HF config.json with the model's shapes, for `spin-jax plan` when model.name is not on this machine
+    shapes_config: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
-def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int):
+def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = False):
     """Per-token log-probs [B, T] from hidden [B, T, D] and the output matrix w_out [D, V],
     computing the logits `vocab_chunk` columns at a time, so [B, T, V] fp32 never exists at once."""
     b, t, _ = hidden.shape
@@ -41,7 +41,7 @@ def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int):
 
     init = (jnp.full((b, t), -jnp.inf, jnp.float32), jnp.zeros((b, t), jnp.float32),
             jnp.zeros((b, t), jnp.float32))
-    (m, s, picked), _ = jax.lax.scan(body, init, (w, jnp.arange(n) * vocab_chunk))
+    (m, s, picked), _ = jax.lax.scan(body, init, (w, jnp.arange(n) * vocab_chunk), unroll=True if unroll else 1)
     return picked - (m + jnp.log(s))
 
 

@@ -249,7 +249,7 @@ class Sampler:
         self.compiled_programs.add(key)
         # placed explicitly: with several processes, jit refuses sharded numpy inputs
         tokens, valid = jax.device_put((tokens, valid), sharding.batch_sharding(self.mesh, 2, self.batch_size))
-        toks, logps, lengths, done, cache = self._fn(sp)(params, cache, tokens, valid, rng)
+        toks, logps, lengths, done, cache = self.program(sp)(params, cache, tokens, valid, rng)
         self._caches[key] = cache
         toks, logps, lengths, done = (np.asarray(x) for x in (toks, logps, lengths, done))
         return [Sample(toks[i, :lengths[i]].tolist(), logps[i, :lengths[i]].tolist(),
@@ -257,18 +257,18 @@ class Sampler:
 
     def _new_cache(self, length: int) -> KVCache:
         return jax.jit(lambda: cache_lib.init_cache(self.cfg, self.batch_size, length),
-                       out_shardings=self._cache_shardings(length))()
+                       out_shardings=self.cache_shardings(length))()
 
-    def _cache_shardings(self, length: int) -> KVCache:
+    def cache_shardings(self, length: int) -> KVCache:
         shapes = jax.eval_shape(lambda: cache_lib.init_cache(self.cfg, self.batch_size, length))
         return KVCache(*sharding.tree_shardings(tuple(cache_lib.CACHE_AXES), tuple(shapes), self.mesh))
 
     @functools.lru_cache(maxsize=None)
-    def _fn(self, sp: SamplingParams):
+    def program(self, sp: SamplingParams):
         b = self.batch_size
         row = sharding.batch_sharding(self.mesh, 2, b)
         vec = sharding.batch_sharding(self.mesh, 1, b)
-        cache_sh = self._cache_shardings(16)  # the specs do not depend on the length
+        cache_sh = self.cache_shardings(16)  # the specs do not depend on the length
         fn = functools.partial(sample_batch, cfg=self.cfg, sp=sp, pad_id=self.pad_id, phases=self.decode_phases)
         return jax.jit(lambda p, c, t, v, r: fn(p, cache=c, prompt=t, valid=v, rng=r),
                        in_shardings=(self.param_sharding, cache_sh, row, row, sharding.replicated(self.mesh)),

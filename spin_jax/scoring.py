@@ -31,7 +31,8 @@ def batch_logps(params, cfg, batch: SpinBatch, vocab_chunk: int = 0):
         tokens[:, :-1], batch.positions[:, :-1], batch.valid[:, :-1])
     # the prompt's last position predicts response token 0; response position t predicts t + 1
     hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], batch.group, axis=0), hidden], axis=1)  # [gN, R, D]
-    tok_logps = loss_lib.token_logps_chunked(hidden, w_out.astype(hidden.dtype), tokens, vocab_chunk)
+    tok_logps = loss_lib.token_logps_chunked(hidden, w_out.astype(hidden.dtype), tokens, vocab_chunk,
+                                             unroll=cfg.unroll_loops)
     return jnp.sum(jnp.where(batch.valid, tok_logps, 0.0), axis=-1)
 
 

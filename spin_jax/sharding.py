@@ -52,20 +52,24 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def make_local_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+def make_local_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None,
+                    num_processes: int | None = None) -> Mesh:
     """A mesh over this process's devices only, for work each host does on its own (sampling its
     chunks, scoring its rows): no collectives across hosts, so hosts need not run in lockstep.
     On one process it is `make_mesh(data, fsdp, tensor)`. On several, the tensor axis is kept, and
-    the local devices left go to fsdp when the global mesh shards over fsdp, else to data."""
-    if jax.process_count() == 1:
-        return make_mesh(data, fsdp, tensor)
-    n = jax.local_device_count()
+    the local devices left go to fsdp when the global mesh shards over fsdp, else to data.
+    `devices` and `num_processes` describe another machine (default: this one's)."""
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    if num_processes == 1:
+        return make_mesh(data, fsdp, tensor, devices=devices)
+    devices = jax.local_devices() if devices is None else list(devices)
+    n = len(devices)
     tensor = n if tensor == -1 else tensor
     if n % tensor:
         raise ValueError(f"mesh.tensor={tensor} does not divide the {n} devices of one host")
     rest = n // tensor
     local_fsdp = rest if fsdp == -1 else math.gcd(fsdp, rest)
-    return make_mesh(rest // local_fsdp, local_fsdp, tensor, devices=jax.local_devices())
+    return make_mesh(rest // local_fsdp, local_fsdp, tensor, devices=devices)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None) -> P:

@@ -17,14 +17,23 @@ def read_gguf(path: str):
     """(ModelConfig, params pytree of float32 numpy arrays, metadata dict) from a GGUF file."""
 
     reader = open_gguf(path)
+    cfg, meta, tensors = _read_config(reader, path)
+    return cfg, _params(cfg, tensors, path), meta
+
+
+def read_gguf_config(path: str) -> ModelConfig:
+    """The ModelConfig of a GGUF file, from its metadata and tensor names (nothing dequantized)."""
+    return _read_config(open_gguf(path), path)[0]
+
+
+def _read_config(reader, path: str):
+    """(ModelConfig, metadata, tensors by name) of an open GGUF file."""
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in ("llama", "mistral", "qwen2"):
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)")
     tensors = {t.name: t for t in reader.tensors}
-    cfg = _config(meta, arch, tensors)
-    params = _params(cfg, tensors, path)
-    return cfg, params, meta
+    return _config(meta, arch, tensors), meta, tensors
 
 
 def read_gguf_metadata_only(path: str) -> dict:

@@ -23,20 +23,30 @@ _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qw
 def read_hf_dir(path: str):
     """(ModelConfig, params pytree of numpy arrays) from `config.json` + safetensors in `path`."""
     config_path = os.path.join(path, "config.json")
-    hf = _read_json(config_path)
-    if not isinstance(hf, dict):
-        raise ValueError(f"{config_path}: expected a JSON object of model settings, got a {type(hf).__name__}")
-    try:
-        cfg = config_from_hf(hf, config_path)
-    except KeyError as e:
-        raise ValueError(f"{config_path}: missing key {e.args[0]!r}; is this a transformers model directory?") from None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{config_path}: {e}") from None
+    cfg = config_from_hf(read_json_object(config_path), config_path)
     tensors = _read_safetensors(path)
     return cfg, _params_from_hf(cfg, tensors, path)
 
 
+def read_json_object(path: str) -> dict:
+    """A JSON file holding an object (a model's config.json); anything else is an error naming it."""
+    obj = _read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object of model settings, got a {type(obj).__name__}")
+    return obj
+
+
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """ModelConfig of a transformers config.json; a missing or bad value is an error naming `where`."""
+    try:
+        return _config_from_hf(hf, where)
+    except KeyError as e:
+        raise ValueError(f"{where}: missing key {e.args[0]!r}; is this a transformers model directory?") from None
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _config_from_hf(hf: dict, where: str) -> ModelConfig:
     arch = hf.get("model_type")
     if arch not in _HF_CLASSES:
         raise ValueError(f"{where}: model_type {arch!r} is not supported; expected one of {list(_HF_CLASSES)}")

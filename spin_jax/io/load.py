@@ -63,6 +63,24 @@ def load_model(spec: str, dtype: str | None = None, param_dtype: str | None = No
     return LoadedModel(cfg.replace(**overrides), params, tok, path)
 
 
+def model_config_only(spec: str, shapes_config: str | None = None) -> ModelConfig:
+    """The model's ModelConfig without its weights: from an HF directory's config.json, a GGUF
+    file's metadata, or, when `spec` is not on this machine, the HF config.json `shapes_config`."""
+    from spin_jax.io import gguf_io, hf
+
+    try:
+        path = resolve_model_path(spec)
+    except FileNotFoundError:
+        if not shapes_config:
+            raise FileNotFoundError(f"model {spec!r} is not on this machine; download it, or set "
+                                    "model.shapes_config to its HF config.json") from None
+        return hf.config_from_hf(hf.read_json_object(shapes_config), shapes_config)
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        return hf.config_from_hf(hf.read_json_object(config_path), config_path)
+    return gguf_io.read_gguf_config(path)
+
+
 def load_model_for(model_cfg, spec: str) -> LoadedModel:
     """`spec` loaded with the config's `model` section's compute settings (dtype, param_dtype,
     remat, attn_block): how the driver and evaluate load the run's models."""

@@ -36,6 +36,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
     attn_block: int = 128  # queries per block of causal attention without a cache (0: one block)
+    # Unroll the layer and vocab-chunk loops. Only `spin-jax plan` sets it: XLA's cost analysis
+    # counts a loop body once, so the programs it counts FLOPs of have no loops.
+    unroll_loops: bool = False
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:

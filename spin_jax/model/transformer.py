@@ -116,7 +116,7 @@ def forward_shared_prefix(params, cfg: ModelConfig, prefix, prefix_positions, pr
         attn_c = causal_attention(rows(q[:, p:]), kt, v, mask_c, p, cfg.attn_block)
         return _attn_out_mlp(cfg, lp, x, jnp.concatenate([attn_p, side(attn_c)], axis=1)), None
 
-    x, _ = jax.lax.scan(_remat(layer, cfg.remat), x, params["layers"])
+    x, _ = jax.lax.scan(_remat(layer, cfg.remat), x, params["layers"], unroll=_unroll(cfg))
     x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
     return x[:, :p], rows(x[:, p:])
 
@@ -153,7 +153,7 @@ def _run_layers(params, cfg: ModelConfig, tokens, positions, attend, kv):
         return (_attn_out_mlp(cfg, lp, x, attn), kv), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, kv), _ = jax.lax.scan(_remat(layer, cfg.remat), (x, kv), (params["layers"], layer_ids))
+    (x, kv), _ = jax.lax.scan(_remat(layer, cfg.remat), (x, kv), (params["layers"], layer_ids), unroll=_unroll(cfg))
     x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
     return x, kv
 
@@ -203,6 +203,11 @@ def _attn_out_mlp(cfg: ModelConfig, lp, x, attn):
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).reshape(b * t, -1)  # 2-D matmuls
     gate, up = h @ lp["w_gate"], h @ lp["w_up"]
     return x + ((jax.nn.silu(gate) * up) @ lp["w_down"]).reshape(x.shape)
+
+
+def _unroll(cfg: ModelConfig):
+    """lax.scan's unroll: the whole loop with cfg.unroll_loops (for cost analysis), else none."""
+    return True if cfg.unroll_loops else 1
 
 
 def _cast(tree, dtype):

@@ -1,0 +1,366 @@
+"""`spin-jax plan`: compile every program of a SPIN iteration for a TPU slice, with no TPU attached.
+
+    spin-jax plan --config configs/zephyr_ultrachat_tpu.yaml --topology v5p-32
+
+The XLA:TPU compiler (libtpu, installed by `make plan` into .venv/tpu) compiles, from abstract
+inputs with the config's shapes (no weights loaded):
+    train     the train step in the config's opponent mode, on the whole slice's mesh
+    score     the opponent's log-probs of a batch of pairs, on one host's mesh (as generate runs it)
+    sample    prefill plus the decode loop at sampling.batch_size, on one host's mesh
+and reports, per chip, the compiler's argument / output / alias / temp bytes and their peak against
+the chip's HBM, the compile time, FLOPs and HBM bytes per call, and a roofline time and MFU from the
+chip's peak bf16 FLOP/s and HBM bandwidth (CHIPS). These are estimates from the compiler's figures,
+not measurements on a TPU.
+
+XLA's cost analysis counts the body of a scan or while loop once. FLOPs and bytes are therefore
+taken from programs of 1 and 2 layers (per-layer cost = the difference), scaled to the model's
+depth, times the trip counts of the outer loops: the micro-batches of a train step, the decode steps
+of sampling (`corrected_cost`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from spin_jax import scoring, sharding, train
+from spin_jax.config import Config
+from spin_jax.data import tokenize
+from spin_jax.errors import SpinError, UsageError
+from spin_jax.model import cache as cache_lib
+from spin_jax.model import transformer
+from spin_jax.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: float
+    peak_bf16_flops: float  # dense bf16 FLOP/s
+    hbm_bytes_per_s: float
+    source: str
+
+
+# Per chip, from Google Cloud's TPU system architecture pages (cloud.google.com/tpu/docs/<version>).
+CHIPS = {
+    "v4": Chip(32 * GiB, 275e12, 1228e9, "cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 275 TFLOP/s bf16, 1228 GB/s"),
+    "v5e": Chip(16 * GiB, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 197 TFLOP/s bf16, 819 GB/s"),
+    "v5p": Chip(95 * 1e9, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p: 95 GB HBM2e, 459 TFLOP/s bf16, 2765 GB/s"),
+    "v6e": Chip(32 * GiB, 918e12, 1640e9, "cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 918 TFLOP/s bf16, 1640 GB/s"),
+}
+
+# Friendly slice name -> (chip, libtpu topology, chip config, chips per host). v4 and v5p count
+# TensorCores in their names (v5p-32 = 16 chips) and run one megacore device per chip.
+SLICES = {
+    **{f"v4-{2 * n}": ("v4", f"v4:{t}", "megacore", (2, 2, 1)) for n, t in
+       ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"))},
+    **{f"v5p-{2 * n}": ("v5p", f"v5:{t}", "megacore", (2, 2, 1)) for n, t in
+       ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"))},
+    "v5e-1": ("v5e", "v5e:1x1", "default", (1, 1, 1)),
+    "v5e-4": ("v5e", "v5e:2x2", "default", (2, 2, 1)),
+    "v5e-8": ("v5e", "v5e:2x4", "default", (2, 4, 1)),
+    "v5e-16": ("v5e", "v5e:4x4", "default", (2, 2, 1)),
+    "v6e-1": ("v6e", "v6e:1x1", "default", (1, 1, 1)),
+    "v6e-4": ("v6e", "v6e:2x2", "default", (2, 2, 1)),
+    "v6e-8": ("v6e", "v6e:2x4", "default", (2, 4, 1)),
+}
+ALIASES = {"colab-v5e-1": "v5e-1", "colab-v6e-1": "v6e-1"}  # Colab's TPU runtimes
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+    name: str
+    mesh: dict
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    compile_seconds: float
+    flops: float  # per chip and call, corrected for loops
+    hbm_bytes: float  # per chip and call, corrected for loops
+    model_flops: float  # 6 N tokens (train) or 2 N tokens (score, sample) per chip and call
+    chip: Chip
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments + outputs not aliased to them + temporaries: the program's HBM at its peak."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.chip.hbm_bytes
+
+    @property
+    def roofline_seconds(self) -> float:
+        return max(self.flops / self.chip.peak_bf16_flops, self.hbm_bytes / self.chip.hbm_bytes_per_s)
+
+    @property
+    def roofline_mfu(self) -> float:
+        return self.model_flops / (self.roofline_seconds * self.chip.peak_bf16_flops)
+
+
+def topology(name: str):
+    """(chip kind, Chip, list of TPU device descriptions) of a friendly slice name."""
+    name = ALIASES.get(name, name)
+    if name not in SLICES:
+        raise UsageError(f"--topology {name!r}: expected one of {', '.join([*SLICES, *ALIASES])}")
+    kind, topo_name, chip_config, per_host = SLICES[name]
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, chip_config_name=chip_config,
+                                            chips_per_host_bounds=per_host, num_slices=1)
+    except Exception as e:  # no libtpu, or it refused the topology
+        raise SpinError(f"cannot describe TPU topology {topo_name} ({(str(e).splitlines() or [''])[0][:200]}); "
+                        "`make plan` installs the TPU compiler (libtpu) into .venv/tpu") from None
+    return kind, CHIPS[kind], list(desc.devices)
+
+
+def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[int] = None,
+         programs=("train", "score", "sample")) -> list[ProgramPlan]:
+    """Compile `programs` for the slice; `layers` compiles a slice of the model's depth."""
+    kind, chip, devices = topology(slice_name)
+    m = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                          attn_block=cfg.model.attn_block)
+    if layers:
+        m = m.replace(num_layers=layers)
+    hosts = sorted({d.process_index for d in devices})
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    local = sharding.make_local_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                                     devices=[d for d in devices if d.process_index == hosts[0]],
+                                     num_processes=len(hosts))
+    check_batches(cfg, mesh, local)
+    builders = {"train": (train_program, mesh), "score": (score_program, local), "sample": (sample_program, local)}
+    out = []
+    for name in programs:
+        build, program_mesh = builders[name]
+        t0 = time.perf_counter()
+        program = build(cfg, m, program_mesh)
+        try:
+            compiled = program.lower().compile()
+        except Exception as e:  # XLA:TPU refuses a program whose temporaries exceed the chip's HBM
+            needed = _out_of_memory_bytes(str(e))
+            if needed is None:
+                raise
+            out.append(ProgramPlan(name, dict(program_mesh.shape), 0, 0, 0, needed, time.perf_counter() - t0,
+                                   float("nan"), float("nan"), program.model_flops / program_mesh.size, chip))
+            log.info(f"{name} does not fit a {kind} chip: the compiler needs {needed / 1e9:.1f} GB of temporaries")
+            continue
+        seconds = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        flops, hbm = corrected_cost(program, m.num_layers)
+        out.append(ProgramPlan(name, dict(program_mesh.shape), mem.argument_size_in_bytes, mem.output_size_in_bytes,
+                               mem.alias_size_in_bytes, mem.temp_size_in_bytes, seconds, flops, hbm,
+                               program.model_flops / program_mesh.size, chip))
+        log.info(f"compiled {name} for {slice_name} in {seconds:.0f}s")
+    return out
+
+
+def _out_of_memory_bytes(message: str) -> Optional[int]:
+    """The bytes of temporaries XLA:TPU asked for when it refused a program for lack of HBM."""
+    import re
+
+    if "Ran out of memory" not in message and "RESOURCE_EXHAUSTED" not in message:
+        return None
+    found = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    if not found:
+        return None
+    return int(float(found.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[found.group(2)])
+
+
+def check_batches(cfg: Config, mesh, local) -> None:
+    """Batches must split evenly over the chips that share them (data x fsdp)."""
+    problems = []
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.global_batch_size // cfg.train.grad_accum
+    if micro % ways:
+        problems.append(f"a train micro-batch of {micro} pairs (train.global_batch_size / train.grad_accum) does "
+                        f"not split over the {ways} chips of mesh {dict(mesh.shape)}: use a multiple of {ways}")
+    local_ways = local.shape["data"] * local.shape["fsdp"]
+    if cfg.sampling.batch_size % local_ways:
+        problems.append(f"sampling.batch_size={cfg.sampling.batch_size} does not split over the {local_ways} chips "
+                        f"of one host: use a multiple of {local_ways}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+@dataclasses.dataclass
+class Program:
+    """A program to compile, and how to count its cost: `parts` are (lower(model config) -> a
+    lowered program, how many times it runs per call). The scan over layers is counted once by
+    XLA's cost analysis, so each part is compiled at 1 and 2 layers and extrapolated."""
+    lower: Callable[[], object]  # the program at the model's full depth
+    parts: list
+    model_flops: float  # 2 N per token forward, 6 N forward + backward (N = the model's parameters)
+
+
+def corrected_cost(program: Program, num_layers: int) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) per chip of one call at `num_layers` layers, each loop body counted as
+    often as it runs. Each part is compiled at 1 and 2 layers with its layer and vocab-chunk loops
+    unrolled (ModelConfig.unroll_loops), cost(L) = cost(1) + (L - 1) (cost(2) - cost(1)), times
+    the part's trips (the loops left: micro-batches, decode steps)."""
+    flops = hbm = 0.0
+    for lower_at, trips in program.parts:
+        c1, c2 = (_cost(lower_at(n, unroll=True).compile()) for n in (1, 2))
+        flops += trips * (c1[0] + (num_layers - 1) * (c2[0] - c1[0]))
+        hbm += trips * (c1[1] + (num_layers - 1) * (c2[1] - c1[1]))
+    return flops, hbm
+
+
+def matmul_params(m: ModelConfig) -> tuple[int, int]:
+    """(parameters a token's layers multiply by, parameters of the output projection D x V)."""
+    head = m.hidden_size * m.vocab_size
+    embed = m.vocab_size * m.hidden_size
+    return m.num_params() - embed - (0 if m.tie_embeddings else head) - m.hidden_size, head
+
+
+def _cost(compiled) -> tuple[float, float]:
+    c = compiled.cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    return float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _lengths(cfg: Config) -> tuple[int, int]:
+    d = cfg.data
+    return tokenize.bucket(d.max_prompt_length), tokenize.bucket(d.max_length - d.max_prompt_length)
+
+
+def _spin_batch(shardings, lead: tuple, prompts: int, p: int, r: int, with_logps: bool):
+    def spec(shape, dtype, sh):
+        return jax.ShapeDtypeStruct(lead + shape, dtype, sharding=sh)
+
+    sh = shardings
+    return tokenize.SpinBatch(
+        prompt_tokens=spec((prompts, p), jnp.int32, sh.prompt_tokens),
+        prompt_valid=spec((prompts, p), jnp.bool_, sh.prompt_valid),
+        prompt_positions=spec((prompts, p), jnp.int32, sh.prompt_positions),
+        tokens=spec((2 * prompts, r), jnp.int32, sh.tokens), valid=spec((2 * prompts, r), jnp.bool_, sh.valid),
+        positions=spec((2 * prompts, r), jnp.int32, sh.positions),
+        opponent_logps=spec((2 * prompts,), jnp.float32, sh.opponent_logps) if with_logps else None)
+
+
+def train_program(cfg: Config, m: ModelConfig, mesh) -> Program:
+    """The train step on the whole slice; its scan over micro-batches runs train.grad_accum times."""
+    tc = cfg.train
+    in_step = tc.opponent_logps == "in_step"
+    p, r = _lengths(cfg)
+    a, b = tc.grad_accum, tc.global_batch_size // tc.grad_accum
+
+    def lower_at(layers: int, unroll: bool = False):
+        mc = m.replace(num_layers=layers, unroll_loops=unroll)
+        tx, _ = train.make_optimizer(tc, 1000, tc.learning_rate)
+        shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), transformer.param_shapes(mc))
+        state = _abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
+        opponent = state.params if in_step else None
+        batch = _spin_batch(train.batch_shardings(mesh, not in_step), (a,), b, p, r, not in_step)
+        return train.make_train_step(mc, tc, tx, mesh, shapes).lower(state, opponent, batch)
+
+    layer_params, head = matmul_params(m)
+    tokens, scored = tc.global_batch_size * (p + 2 * r), tc.global_batch_size * 2 * r  # each prompt once
+    passes = 6 + (2 if in_step else 0)  # forward and backward, and the opponent's forward in the step
+    return Program(lambda: lower_at(m.num_layers), [(lower_at, a)], passes * (layer_params * tokens + head * scored))
+
+
+def score_program(cfg: Config, m: ModelConfig, mesh) -> Program:
+    """The opponent's log-probs of 2 * sampling.batch_size responses (a batch of pairs), one host."""
+    rows = 2 * cfg.sampling.batch_size
+    p, r = _lengths(cfg)
+
+    def lower_at(layers: int, unroll: bool = False):
+        mc = m.replace(num_layers=layers, unroll_loops=unroll)
+        fn = scoring.logps_fn(mc, mesh, cfg.train.vocab_chunk, rows, group=2)
+        params = _abstract(transformer.param_shapes(mc), transformer.param_shardings(mc, mesh))
+        return fn.lower(params, _spin_batch(scoring.grouped_shardings(mesh, rows, 2), (), rows // 2, p, r, False))
+
+    layer_params, head = matmul_params(m)
+    model_flops = 2 * (layer_params * rows // 2 * (p + 2 * r) + head * rows * r)
+    return Program(lambda: lower_at(m.num_layers), [(lower_at, 1)], model_flops)
+
+
+def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
+    """One batch of sampling on one host: prefill, then max_new_tokens - 1 decode steps in while
+    loops (each body counted once by the cost analysis, so the cost is prefill + the steps)."""
+    from spin_jax.sampling import Sampler, SamplingParams
+
+    s = cfg.sampling
+    p, _ = _lengths(cfg)
+    length = p + s.max_new_tokens
+    sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                        greedy=s.greedy, stop_ids=(0,))
+    row = sharding.batch_sharding(mesh, 2, s.batch_size)
+
+    def inputs(layers: int, unroll: bool = False):
+        mc = m.replace(num_layers=layers, unroll_loops=unroll)
+        sampler = Sampler(mc, mesh, batch_size=s.batch_size, decode_phases=s.decode_phases)
+        params = _abstract(transformer.param_shapes(mc), sampler.param_sharding)
+        cache_sh = sampler.cache_shardings(length)
+        cache = _abstract(jax.eval_shape(lambda: cache_lib.init_cache(mc, s.batch_size, length)), cache_sh)
+        return mc, sampler, params, cache, cache_sh
+
+    def whole(layers: int):
+        mc, sampler, params, cache, _ = inputs(layers)
+        rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+        tokens = jax.ShapeDtypeStruct((s.batch_size, p), jnp.int32, sharding=row)
+        valid = jax.ShapeDtypeStruct((s.batch_size, p), jnp.bool_, sharding=row)
+        return sampler.program(sp).lower(params, cache, tokens, valid, rng)
+
+    def step(layers: int, t: int, unroll: bool = False):  # the prefill (t = p) or a decode step (t = 1)
+        mc, sampler, params, cache, cache_sh = inputs(layers, unroll)
+        shape = jax.ShapeDtypeStruct((s.batch_size, t), jnp.int32, sharding=row)
+        ok = jax.ShapeDtypeStruct((s.batch_size, t), jnp.bool_, sharding=row)
+
+        def run(prm, c, tok, pos, v):
+            logits, c = transformer.forward(prm, mc, tok, pos, v, cache=c)
+            return logits[:, -1], c
+
+        return jax.jit(run, in_shardings=(sampler.param_sharding, cache_sh, row, row, row),
+                       donate_argnums=(1,)).lower(params, cache, shape, shape, ok)
+
+    parts = [(lambda n, unroll: step(n, p, unroll), 1), (lambda n, unroll: step(n, 1, unroll), s.max_new_tokens - 1)]
+    layer_params, head = matmul_params(m)
+    model_flops = 2 * s.batch_size * (layer_params * (p + s.max_new_tokens) + head * s.max_new_tokens)
+    return Program(lambda: whole(m.num_layers), parts, model_flops)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def advice(p: ProgramPlan, cfg: Config) -> str:
+    if p.name == "train":
+        return ("shard wider (mesh.fsdp = all chips), set model.remat=full, raise train.grad_accum (smaller "
+                "micro-batches), or use a larger slice")
+    return (f"lower sampling.batch_size (now {cfg.sampling.batch_size}), shard over more of a host's chips "
+            "(mesh.fsdp), or use a chip with more HBM")
+
+
+def format_plan(plans: list[ProgramPlan], slice_name: str, kind: str) -> str:
+    chip = plans[0].chip
+    lines = [f"plan for {slice_name} ({kind}: {chip.hbm_bytes / 1e9:.1f} GB HBM, "
+             f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s per chip; "
+             f"{chip.source})",
+             f"{'program':<8}{'mesh':<34}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}{'HBM':>7}"
+             f"{'fits':>6}{'compile':>9}{'TFLOP':>9}{'HBM GB':>9}{'roofline':>10}{'MFU':>6}"]
+    for p in plans:
+        gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
+        costed = p.flops == p.flops  # NaN when the compiler refused the program
+        cost = (f"{p.flops / 1e12:>9.2f}{p.hbm_bytes / 1e9:>9.2f}{p.roofline_seconds:>9.3f}s{p.roofline_mfu:>6.0%}"
+                if costed else f"{'-':>9}{'-':>9}{'-':>10}{'-':>6}")
+        lines.append(f"{p.name:<8}{str(p.mesh):<34}{gb(p.argument_bytes):>8}{gb(p.output_bytes):>8}"
+                     f"{gb(p.alias_bytes):>8}{gb(p.temp_bytes):>8}{gb(p.peak_bytes):>8}{gb(chip.hbm_bytes):>7}"
+                     f"{'yes' if p.fits else 'NO':>6}{p.compile_seconds:>8.0f}s{cost}")
+    lines.append("per chip and call; FLOPs and HBM bytes corrected for loop bodies; roofline = max(FLOPs / peak, "
+                 "bytes / bandwidth): an estimate from the TPU compiler's figures, not a measurement on a TPU")
+    return "\n".join(lines)
