@@ -204,14 +204,15 @@ class Program:
 
 def corrected_cost(program: Program, num_layers: int) -> tuple[float, float]:
     """(FLOPs, HBM bytes) per chip of one call at `num_layers` layers, each loop body counted as
-    often as it runs. Each part is compiled at 1 and 2 layers with its layer and vocab-chunk loops
-    unrolled (ModelConfig.unroll_loops), cost(L) = cost(1) + (L - 1) (cost(2) - cost(1)), times
-    the part's trips (the loops left: micro-batches, decode steps)."""
+    often as it runs. Each part is compiled at 2 and 3 layers with its layer and vocab-chunk loops
+    unrolled (ModelConfig.unroll_loops), cost(L) = cost(2) + (L - 2) (cost(3) - cost(2)), times
+    the part's trips (the loops left: micro-batches, decode steps). (A 1-layer program is fused
+    differently from deeper ones, so it is not used.)"""
     flops = hbm = 0.0
     for lower_at, trips in program.parts:
-        c1, c2 = (_cost(lower_at(n, unroll=True).compile()) for n in (1, 2))
-        flops += trips * (c1[0] + (num_layers - 1) * (c2[0] - c1[0]))
-        hbm += trips * (c1[1] + (num_layers - 1) * (c2[1] - c1[1]))
+        c2, c3 = (_cost(lower_at(n, unroll=True).compile()) for n in (2, 3))
+        flops += trips * (c2[0] + (num_layers - 2) * (c3[0] - c2[0]))
+        hbm += trips * (c2[1] + (num_layers - 2) * max(c3[1] - c2[1], 0.0))
     return flops, hbm
 
 
@@ -339,11 +340,25 @@ def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
 
 
 def advice(p: ProgramPlan, cfg: Config) -> str:
+    """What to change, leaving out what the config already does."""
+    tips = []
     if p.name == "train":
-        return ("shard wider (mesh.fsdp = all chips), set model.remat=full, raise train.grad_accum (smaller "
-                "micro-batches), or use a larger slice")
-    return (f"lower sampling.batch_size (now {cfg.sampling.batch_size}), shard over more of a host's chips "
-            "(mesh.fsdp), or use a chip with more HBM")
+        if p.mesh.get("data", 1) > 1:
+            tips.append("shard the parameters over every chip (mesh.fsdp=-1, mesh.data=1)")
+        if cfg.model.remat != "full":
+            tips.append("set model.remat=full")
+        micro = cfg.train.global_batch_size // cfg.train.grad_accum
+        if micro > p.mesh.get("data", 1) * p.mesh.get("fsdp", 1):
+            tips.append(f"raise train.grad_accum (now {cfg.train.grad_accum}) for smaller micro-batches")
+        if cfg.train.vocab_chunk == 0:
+            tips.append("set train.vocab_chunk (e.g. 8192)")
+        tips.append("use a slice with more chips or more HBM per chip")
+    else:
+        tips.append(f"lower sampling.batch_size (now {cfg.sampling.batch_size})")
+        if p.name == "score" and cfg.train.vocab_chunk == 0:
+            tips.append("set train.vocab_chunk (e.g. 8192)")
+        tips.append("use a chip with more HBM")
+    return "; ".join(tips)
 
 
 def format_plan(plans: list[ProgramPlan], slice_name: str, kind: str) -> str:
