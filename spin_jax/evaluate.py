@@ -51,6 +51,9 @@ def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
     sharding.maybe_initialize_distributed(cfg.distributed)
     t_start = time.time()
     specs = rundir.model_specs(cfg.model.name, cfg.run_dir, t)  # [(label, path)] θ0 .. θ(t+1)
+    if jax.process_index() == 0:  # where the results go can be written, before any work
+        rundir.check_output_file(os.path.join(cfg.run_dir, rundir.EVAL), "the run directory's eval.jsonl")
+        rundir.check_output_file(os.path.join(cfg.iter_dir(t), rundir.EVAL_SAMPLES), "eval_samples.jsonl")
     mesh = sharding.local_mesh_from_config(cfg.mesh)  # every host evaluates on its own devices; host 0 writes
     sp = None
     seed = derive_seed(cfg.sampling.seed, "eval")  # one seed for every model and every evaluation

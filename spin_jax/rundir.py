@@ -140,6 +140,12 @@ def check_new_dir(path: str, flag: str, protect: Sequence[str] = ()) -> None:
         p = os.path.realpath(p)
         if real == p or real.startswith(p + os.sep) or p.startswith(real + os.sep):
             raise UsageError(f"{flag} {path} overlaps {p}, which it must not touch; choose another directory")
+    parent = os.path.dirname(real)
+    if os.path.isdir(parent):
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(real)}.check", dir=parent))
+        except OSError as e:
+            raise UsageError(f"{flag} {path}: cannot create a directory in {parent} ({e.strerror})") from None
 
 
 def check_output_file(path: str, flag: str, inputs: Sequence[str] = ()) -> None:
