@@ -120,7 +120,8 @@ def topology(name: str):
                                             chips_per_host_bounds=per_host, num_slices=1)
     except Exception as e:  # no libtpu, or it refused the topology
         raise SpinError(f"cannot describe TPU topology {topo_name} ({(str(e).splitlines() or [''])[0][:200]}); "
-                        "`make plan` installs the TPU compiler (libtpu) into .venv/tpu") from None
+                        "run it as `make plan CONFIG=... TOPOLOGY=...`, which installs the TPU compiler (libtpu) "
+                        "into .venv/tpu and puts it on PYTHONPATH for this command only") from None
     return kind, CHIPS[kind], list(desc.devices)
 
 
