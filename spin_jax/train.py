@@ -226,7 +226,8 @@ class Trainer:
         truncate_metrics(self.out_dir, start)  # updates after the checkpoint are redone
         max_skipped = int(self.tcfg.max_skipped_fraction * self.steps)
         step_fn = make_train_step(self.cfg, self.tcfg, self.tx, self.mesh, shapes)
-        with _SigtermFlag() as sigterm, MetricsWriter(self.out_dir) as writer, self._bar(start) as bar:
+        with self.checkpoints, _SigtermFlag() as sigterm, MetricsWriter(self.out_dir) as writer, \
+                self._bar(start) as bar:
             t0 = time.perf_counter()
             batches = batches_from(start)
             for step in range(start, self.steps):
@@ -294,6 +295,15 @@ class Checkpoints:
     def wait(self) -> None:
         with _disk_errors(self.directory):
             self.manager.wait_until_finished()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        """Leaving with an error: let a save in flight finish (its own error is not the one to show)."""
+        if exc_type is not None:
+            with contextlib.suppress(Exception):
+                self.manager.wait_until_finished()
 
     def restore_latest(self, abstract: TrainState):
         """(state, step) of the newest checkpoint that reads back whole and matches its checksum, or
