@@ -13,9 +13,9 @@ chip's peak bf16 FLOP/s and HBM bandwidth (CHIPS). These are estimates from the 
 not measurements on a TPU.
 
 XLA's cost analysis counts the body of a scan or while loop once. FLOPs and bytes are therefore
-taken from programs of 1 and 2 layers (per-layer cost = the difference), scaled to the model's
-depth, times the trip counts of the outer loops: the micro-batches of a train step, the decode steps
-of sampling (`corrected_cost`).
+taken from copies of each program with the layer and vocab-chunk loops unrolled, at 2 and 3 layers
+(per-layer cost = the difference), scaled to the model's depth, times the trip counts of the
+outer loops: the micro-batches of a train step, the decode steps of sampling (`corrected_cost`).
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ def check_batches(cfg: Config, mesh, local) -> None:
 class Program:
     """A program to compile, and how to count its cost: `parts` are (lower(model config) -> a
     lowered program, how many times it runs per call). The scan over layers is counted once by
-    XLA's cost analysis, so each part is compiled at 1 and 2 layers and extrapolated."""
+    XLA's cost analysis, so each part is compiled unrolled at 2 and 3 layers and extrapolated
+    (`corrected_cost`)."""
     lower: Callable[[], object]  # the program at the model's full depth
     parts: list
     model_flops: float  # 2 N per token forward, 6 N forward + backward (N = the model's parameters)
@@ -230,10 +231,6 @@ def _cost(compiled) -> tuple[float, float]:
     return float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _lengths(cfg: Config) -> tuple[int, int]:
     d = cfg.data
     return tokenize.bucket(d.max_prompt_length), tokenize.bucket(d.max_length - d.max_prompt_length)
@@ -264,7 +261,7 @@ def train_program(cfg: Config, m: ModelConfig, mesh) -> Program:
         mc = m.replace(num_layers=layers, unroll_loops=unroll)
         tx, _ = train.make_optimizer(tc, 1000, tc.learning_rate)
         shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), transformer.param_shapes(mc))
-        state = _abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
+        state = sharding.abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
         opponent = state.params if in_step else None
         batch = _spin_batch(train.batch_shardings(mesh, not in_step), (a,), b, p, r, not in_step)
         return train.make_train_step(mc, tc, tx, mesh, shapes).lower(state, opponent, batch)
@@ -283,7 +280,7 @@ def score_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     def lower_at(layers: int, unroll: bool = False):
         mc = m.replace(num_layers=layers, unroll_loops=unroll)
         fn = scoring.logps_fn(mc, mesh, cfg.train.vocab_chunk, rows, group=2)
-        params = _abstract(transformer.param_shapes(mc), transformer.param_shardings(mc, mesh))
+        params = sharding.abstract(transformer.param_shapes(mc), transformer.param_shardings(mc, mesh))
         return fn.lower(params, _spin_batch(scoring.grouped_shardings(mesh, rows, 2), (), rows // 2, p, r, False))
 
     layer_params, head = matmul_params(m)
@@ -306,9 +303,9 @@ def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     def inputs(layers: int, unroll: bool = False):
         mc = m.replace(num_layers=layers, unroll_loops=unroll)
         sampler = Sampler(mc, mesh, batch_size=s.batch_size, decode_phases=s.decode_phases)
-        params = _abstract(transformer.param_shapes(mc), sampler.param_sharding)
+        params = sharding.abstract(transformer.param_shapes(mc), sampler.param_sharding)
         cache_sh = sampler.cache_shardings(length)
-        cache = _abstract(jax.eval_shape(lambda: cache_lib.init_cache(mc, s.batch_size, length)), cache_sh)
+        cache = sharding.abstract(jax.eval_shape(lambda: cache_lib.init_cache(mc, s.batch_size, length)), cache_sh)
         return mc, sampler, params, cache, cache_sh
 
     def whole(layers: int):

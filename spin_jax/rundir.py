@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -180,9 +182,6 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> int:
 def check_free_space(directory: str, nbytes: int, what: str) -> None:
     """OSError(ENOSPC) before writing `what` (about nbytes) into `directory` when its file system
     has less room: a clear stop instead of a half-written file."""
-    import errno
-    import shutil
-
     os.makedirs(directory, exist_ok=True)
     free = shutil.disk_usage(directory).free
     need = int(nbytes * 1.05) + (1 << 20)

@@ -103,6 +103,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_size: int | None = None) -> 
     return NamedSharding(mesh, spec)
 
 
+def abstract(shapes, shardings):
+    """ShapeDtypeStructs of a tree of shapes, each with its sharding (for restoring or lowering)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

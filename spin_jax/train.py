@@ -216,8 +216,7 @@ class Trainer:
         in_step = self.tcfg.opponent_logps == "in_step"
         # precomputed mode: the log-probs come with the batch, so no second model is in memory
         opponent = jax.device_put(opponent_params, state_sh.params) if in_step else None
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
-        state, start = self.checkpoints.restore_latest(abstract)
+        state, start = self.checkpoints.restore_latest(sharding.abstract(shapes, state_sh))
         if state is None:
             init = jax.jit(lambda p: init_state(p, self.tx), out_shardings=state_sh)
             state = init(jax.device_put(params, state_sh.params))

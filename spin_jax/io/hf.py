@@ -140,7 +140,8 @@ def _read_safetensors(path: str) -> dict:
 
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        parsed = _read_json(index)
+        weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
