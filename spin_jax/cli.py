@@ -73,6 +73,10 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", path)
 
 
+TEMPLATE_HELP = ("the chat format, for a model that ships none (or to replace its own): gemma, chatml, llama3 "
+                 "or a Jinja file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spin-jax", description=__doc__)
     sub = p.add_subparsers(dest="command")
@@ -87,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt + response in tokens (default: the model's max_position_embeddings)")
     s.add_argument("--vocab-chunk", type=int, default=0, help="compute logits this many vocab columns at a time")
     s.add_argument("--dtype", default=None, help="compute dtype (default: float32)")
+    s.add_argument("--chat-template", default=None, help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("sample", help="sample responses with the jitted sampler")
@@ -105,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default=None)
+    s.add_argument("--chat-template", default=None, help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_sample)
 
     for name, helptext in (("generate", "sample iteration t's synthetic data (resumable)"),
@@ -241,7 +247,8 @@ def cmd_sample(args) -> None:
         raise UsageError("; ".join(problems))
     lines: list[int] = []
     rows = [{"prompt": args.prompt}] if args.prompt else scoring.read_jsonl(args.input, ("prompt",), lines)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, chat_template=args.chat_template,
+                       template_option="--chat-template")
     tok = model.tokenizer
     limit = args.max_prompt_length or model.cfg.max_position_embeddings - args.max_new_tokens
     prompts = [tokenize.prompt_ids(tok, r["prompt"]) for r in rows]
@@ -278,7 +285,8 @@ def cmd_score(args) -> None:
     rundir.check_output_file(args.output, "--output", inputs=[args.input])
     lines: list[int] = []
     rows = scoring.read_jsonl(args.input, ("prompt", "response"), lines)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, chat_template=args.chat_template,
+                       template_option="--chat-template")
     scored = scoring.score_rows(model, rows, args.batch_size, args.max_length, args.vocab_chunk,
                                 where=[f"{args.input}:{n}" for n in lines])
     n = rundir.write_jsonl(args.output, scored)

@@ -14,6 +14,11 @@ from typing import Any, Optional
 
 import yaml
 
+# model.attention's values (spin_jax.model.attention.implementation reads them)
+ATTENTION = ("auto", "xla", "splash", "splash-interpret")
+# model.chat_template's known names (spin_jax.io.templates holds them)
+CHAT_TEMPLATES = ("gemma", "chatml", "llama3")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -22,6 +27,11 @@ class ModelSection:
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # none | full | dots
     attn_block: int = 128  # causal attention in query blocks of this many (skips keys after the block); 0: one block
+    # training and scoring attention: auto (Pallas splash kernel on TPU, XLA elsewhere) | xla | splash
+    # | splash-interpret (the kernel in Pallas interpret mode, any backend; slow, for checking)
+    attention: str = "auto"
+    # the chat format, for models that ship none (or to replace theirs): gemma | chatml | llama3 | a Jinja file
+    chat_template: Optional[str] = None
     # An HF config.json with the model's shapes, for `spin-jax plan` when model.name is not on this machine
     shapes_config: Optional[str] = None
 
@@ -196,6 +206,9 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     need(m.param_dtype in dtypes, "model.param_dtype", m.param_dtype, f"one of {', '.join(dtypes)}")
     need(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "one of none, full, dots")
     need(m.attn_block >= 0, "model.attn_block", m.attn_block, ">= 0 (0: one block)")
+    need(m.attention in ATTENTION, "model.attention", m.attention, f"one of {', '.join(ATTENTION)}")
+    need(m.chat_template is None or m.chat_template in CHAT_TEMPLATES or os.path.isfile(m.chat_template),
+         "model.chat_template", m.chat_template, f"one of {', '.join(CHAT_TEMPLATES)} or an existing Jinja file")
     need(d.name in ("sharegpt", "ultrachat_200k"), "data.name", d.name, "sharegpt or ultrachat_200k")
     need(d.num_prompts >= 1, "data.num_prompts", d.num_prompts, ">= 1")
     need(d.num_eval_prompts >= 1, "data.num_eval_prompts", d.num_eval_prompts, ">= 1")

@@ -9,19 +9,27 @@ spin_loss:            per-example SPIN losses and the reference's metrics, given
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
-def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = False):
+def softcap(x, cap):
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x itself when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = False, cap=None):
     """Per-token log-probs [B, T] from hidden [B, T, D] and the output matrix w_out [D, V],
-    computing the logits `vocab_chunk` columns at a time, so [B, T, V] fp32 never exists at once."""
+    computing the logits `vocab_chunk` columns at a time, so [B, T, V] fp32 never exists at once.
+    cap: soft-cap the logits first (`softcap`)."""
     b, t, _ = hidden.shape
     v = w_out.shape[1]
     if vocab_chunk <= 0 or vocab_chunk >= v:
-        return _token_logps(hidden, w_out, labels)
+        return _token_logps(hidden, w_out, labels, cap)
     n = -(-v // vocab_chunk)
     pad = n * vocab_chunk - v
     w = jnp.pad(w_out, ((0, 0), (0, pad))).reshape(w_out.shape[0], n, vocab_chunk).transpose(1, 0, 2)
@@ -29,7 +37,7 @@ def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = 
     def body(carry, xs):
         m, s, picked = carry
         w_c, start = xs
-        logits = jnp.einsum("btd,dv->btv", hidden, w_c, preferred_element_type=jnp.float32)
+        logits = softcap(jnp.einsum("btd,dv->btv", hidden, w_c, preferred_element_type=jnp.float32), cap)
         cols = start + jnp.arange(vocab_chunk)
         logits = jnp.where(cols < v, logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))
@@ -45,25 +53,28 @@ def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = 
     return picked - (m + jnp.log(s))
 
 
-@jax.custom_vjp
-def _token_logps(hidden, w_out, labels):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _token_logps(hidden, w_out, labels, cap=None):
     """Per-token log-probs over the whole vocab. Its backward keeps only the log-sum-exp [B, T] and
     recomputes the logits in one pass, d logits = g * (onehot(label) - softmax), instead of
-    autodiff's stored [B, T, V] intermediates (bench/RESULTS.md has the timing)."""
-    return _token_logps_fwd(hidden, w_out, labels)[0]
+    autodiff's stored [B, T, V] intermediates (bench/RESULTS.md has the timing); with a soft cap,
+    times the cap's derivative 1 - (logits / cap)^2."""
+    return _token_logps_fwd(hidden, w_out, labels, cap)[0]
 
 
-def _token_logps_fwd(hidden, w_out, labels):
-    logits = jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32)
+def _token_logps_fwd(hidden, w_out, labels, cap):
+    logits = softcap(jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32), cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return picked - lse, (hidden, w_out, labels, lse)
 
 
-def _token_logps_bwd(res, g):
+def _token_logps_bwd(cap, res, g):
     hidden, w_out, labels, lse = res
-    logits = jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32)
+    logits = softcap(jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32), cap)
     d = g[..., None] * (jax.nn.one_hot(labels, w_out.shape[1], dtype=jnp.float32) - jnp.exp(logits - lse[..., None]))
+    if cap is not None:
+        d = d * (1.0 - jnp.square(logits / cap))
     d_hidden = jnp.einsum("btv,dv->btd", d.astype(w_out.dtype), w_out, preferred_element_type=jnp.float32)
     d_w = jnp.einsum("btd,btv->dv", hidden, d.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return d_hidden.astype(hidden.dtype), d_w.astype(w_out.dtype), None

@@ -12,10 +12,14 @@ the chip's HBM, the compile time, FLOPs and HBM bytes per call, and a roofline t
 chip's peak bf16 FLOP/s and HBM bandwidth (CHIPS). These are estimates from the compiler's figures,
 not measurements on a TPU.
 
-XLA's cost analysis counts the body of a scan or while loop once. FLOPs and bytes are therefore
+On TPU, training and scoring attention is the Pallas splash kernel (model.attention: auto), so the
+memory figures are the kernel's. XLA's cost analysis counts the body of a scan or while loop once,
+and a Pallas call not at all. FLOPs and bytes are therefore
 taken from copies of each program with the layer and vocab-chunk loops unrolled, at 2 and 3 layers
 (per-layer cost = the difference), scaled to the model's depth, times the trip counts of the
-outer loops: the micro-batches of a train step, the decode steps of sampling (`corrected_cost`).
+outer loops: the micro-batches of a train step, the decode steps of sampling (`corrected_cost`);
+those copies run attention on the XLA path, whose blocked causal attention skips about as many
+masked keys as the kernel does.
 """
 
 from __future__ import annotations
@@ -130,7 +134,8 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
     """Compile `programs` for the slice; `layers` compiles a slice of the model's depth."""
     kind, chip, devices = topology(slice_name)
     m = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-                          attn_block=cfg.model.attn_block)
+                          attn_block=cfg.model.attn_block,
+                          attention="splash" if cfg.model.attention == "auto" else cfg.model.attention)
     if layers:
         m = m.replace(num_layers=layers)
     hosts = sorted({d.process_index for d in devices})
@@ -218,6 +223,12 @@ def corrected_cost(program: Program, num_layers: int) -> tuple[float, float]:
     return flops, hbm
 
 
+def _at_depth(m: ModelConfig, layers: int, unroll: bool) -> ModelConfig:
+    """The model at `layers` layers; the unrolled copies that count the cost run attention on the
+    XLA path, because the kernel's custom call carries no cost figures (its FLOPs would be missing)."""
+    return m.replace(num_layers=layers, unroll_loops=unroll, attention="xla" if unroll else m.attention)
+
+
 def matmul_params(m: ModelConfig) -> tuple[int, int]:
     """(parameters a token's layers multiply by, parameters of the output projection D x V)."""
     head = m.hidden_size * m.vocab_size
@@ -258,7 +269,7 @@ def train_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     a, b = tc.grad_accum, tc.global_batch_size // tc.grad_accum
 
     def lower_at(layers: int, unroll: bool = False):
-        mc = m.replace(num_layers=layers, unroll_loops=unroll)
+        mc = _at_depth(m, layers, unroll)
         tx, _ = train.make_optimizer(tc, 1000, tc.learning_rate)
         shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), transformer.param_shapes(mc))
         state = sharding.abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
@@ -278,7 +289,7 @@ def score_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     p, r = _lengths(cfg)
 
     def lower_at(layers: int, unroll: bool = False):
-        mc = m.replace(num_layers=layers, unroll_loops=unroll)
+        mc = _at_depth(m, layers, unroll)
         fn = scoring.logps_fn(mc, mesh, cfg.train.vocab_chunk, rows, group=2)
         params = sharding.abstract(transformer.param_shapes(mc), transformer.param_shardings(mc, mesh))
         return fn.lower(params, _spin_batch(scoring.grouped_shardings(mesh, rows, 2), (), rows // 2, p, r, False))
@@ -301,7 +312,7 @@ def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     row = sharding.batch_sharding(mesh, 2, s.batch_size)
 
     def inputs(layers: int, unroll: bool = False):
-        mc = m.replace(num_layers=layers, unroll_loops=unroll)
+        mc = _at_depth(m, layers, unroll)
         sampler = Sampler(mc, mesh, batch_size=s.batch_size, decode_phases=s.decode_phases)
         params = sharding.abstract(transformer.param_shapes(mc), sampler.param_sharding)
         cache_sh = sampler.cache_shardings(length)

@@ -39,7 +39,7 @@ from spin_jax import rundir, scoring, sharding
 from spin_jax.config import TrainSection
 from spin_jax.data.tokenize import SpinBatch
 from spin_jax.errors import Preempted, TooManySkipped
-from spin_jax.model import transformer
+from spin_jax.model import attention, transformer
 from spin_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes
     state_sh = state_shardings(cfg, mesh, state_shapes, tx)
     in_step = tcfg.opponent_logps == "in_step"
     opponent_sh = state_sh.params if in_step else None
-    fn = functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx)
+    fn = attention.traced_on(mesh, functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx))
     return jax.jit(fn, in_shardings=(state_sh, opponent_sh, batch_shardings(mesh, with_logps=not in_step)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
                    compiler_options=compiler_options(mesh))

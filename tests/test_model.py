@@ -20,7 +20,7 @@ def rel_err(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_kv_cache_decode_equals_full_forward(arch):
     cfg = tiny_config(arch)
     params = transformer.init_params(cfg, jax.random.key(2))
@@ -73,7 +73,7 @@ def test_param_axes_cover_every_weight():
         assert len(flat_a[path]) == len(s.shape), path
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("group", [1, 2, 3])
 def test_shared_prompt_scoring_equals_whole_rows(arch, group):
     """Grouped batches (each prompt computed once for its `group` responses, logits on responses

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spin_jax.io import hf
-from spin_jax.model import transformer
+from spin_jax.model import attention, transformer
 from spin_jax.model.config import tiny_config
 
 torch = pytest.importorskip("torch")
@@ -40,6 +40,24 @@ def torch_tiny(arch, seed=0):
     elif arch == "qwen2":
         c = transformers.Qwen2Config(**common, rope_theta=1000000.0, use_sliding_window=False)
         m = transformers.Qwen2ForCausalLM(c)
+    elif arch == "qwen3":
+        c = transformers.Qwen3Config(**{**common, "tie_word_embeddings": True}, rope_theta=1000000.0,
+                                     use_sliding_window=False)
+        m = transformers.Qwen3ForCausalLM(c)
+    elif arch in ("gemma2", "gemma3"):
+        # 3 layers: local (window 4), global, local; scores scaled by 24 ** -0.5, not head_dim's
+        gemma = dict(common, num_hidden_layers=3, tie_word_embeddings=True, sliding_window=4,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                     query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh")
+        if arch == "gemma2":  # small caps, so that capping bends the scores and logits of a random model
+            c = transformers.Gemma2Config(**gemma, rope_theta=10000.0, attn_logit_softcapping=1.5,
+                                          final_logit_softcapping=2.0)
+            m = transformers.Gemma2ForCausalLM(c)
+        else:
+            c = transformers.Gemma3TextConfig(**gemma, rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+            m = transformers.Gemma3ForCausalLM(c)
     else:
         raise ValueError(arch)
     with torch.no_grad():  # non-trivial norm weights and biases so they are tested too
@@ -54,13 +72,15 @@ def torch_logits(m, tokens):
         return m(torch.tensor(np.asarray(tokens))).logits.numpy()
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama_tied", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_logits_match_transformers_tiny(arch, tmp_path):
     m = torch_tiny(arch)
     m.save_pretrained(tmp_path)
     cfg, params = hf.read_hf_dir(str(tmp_path))
-    if arch == "mistral":
+    if arch in ("mistral", "gemma2", "gemma3"):
         assert cfg.sliding_window == 4
+    if arch.startswith("gemma"):
+        assert cfg.local_layers == (True, False, True) and cfg.mixed_layers
     tokens = np.random.default_rng(0).integers(0, 128, size=(2, 12))  # 12 > window 4
     ref = torch_logits(m, tokens)
     for block in (0, 5):  # whole attention; query blocks of 5, 5 and 2 against the keys they can see
@@ -68,9 +88,9 @@ def test_logits_match_transformers_tiny(arch, tmp_path):
         assert rel_err(ours, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_export_round_trip(arch, tmp_path):
-    cfg = tiny_config(arch, tie_embeddings=(arch == "llama"))
+    cfg = tiny_config(arch, **({"tie_embeddings": True} if arch == "llama" else {}))
     params = jax.tree.map(np.asarray, transformer.init_params(cfg, jax.random.key(1)))
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 10))
     ours, _ = transformer.forward(params, cfg, tokens)
@@ -93,10 +113,12 @@ def test_smollm2_logits_match_transformers_gguf(smollm2, smollm2_torch, smollm2_
     assert rel_err(ours, torch_logits(smollm2_torch, tokens)) <= 1e-4
 
 
-def test_attention_backward_matches_torch_float64():
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_attention_backward_matches_torch_float64(cap):
     """The hand-written attention backward against torch autograd of plain softmax attention in
     float64, on a mask with a prompt, causal responses and left-padding rows that see no valid key
-    (defined to output 0; their output gradient is nonzero here, so that case is checked too)."""
+    (defined to output 0; their output gradient is nonzero here, so that case is checked too);
+    with Gemma 2's score soft-capping too (a cap of 2 bends every score)."""
     rng = np.random.default_rng(0)
     b, t, h, kh, e, p = 2, 5, 4, 2, 8, 2
     s = p + t
@@ -108,12 +130,14 @@ def test_attention_backward_matches_torch_float64():
     assert not mask[1, :2].any() and mask[1, 2:].any(-1).all()
 
     # whole, and in query blocks of 2, 2 and 1 that each see keys up to their last query's slot
-    ours = [jax.vjp(lambda q, kt, v: transformer.causal_attention(q, kt, v, jnp.asarray(mask), p, block), q, kt, v)
+    ours = [jax.vjp(lambda q, kt, v: attention.causal_attention(q, kt, v, jnp.asarray(mask), p, block, cap), q, kt, v)
             for block in (0, 2)]
 
     tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, kt, v))
     qg = tq.reshape(b, t, kh, h // kh, e).permute(0, 2, 3, 1, 4)  # [B, K, G, T, E]
     scores = torch.einsum("bkgte,bkes->bkgts", qg, tk) / np.sqrt(e)
+    if cap is not None:
+        scores = cap * torch.tanh(scores / cap)
     scores = scores.masked_fill(~torch.tensor(mask)[:, None, None], -1e300)
     o = torch.einsum("bkgts,bkse->bkgte", torch.softmax(scores, -1), tv)
     t_out = o.permute(0, 3, 1, 2, 4).reshape(b, t, h, e) * torch.tensor(mask.any(-1))[:, :, None, None]

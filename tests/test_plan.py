@@ -109,3 +109,38 @@ def test_default_commands_never_see_libtpu():
                         " jax.devices()[0].platform)"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.split() == ["None", "cpu"], p.stdout + p.stderr
     assert "TPU" not in p.stderr and "libtpu" not in p.stderr, p.stderr
+
+
+KERNEL_COMPILE = """
+import json
+from spin_jax import plan, sharding
+from spin_jax.config import load_config
+from spin_jax.model.config import tiny_config
+cfg = load_config("configs/tiny_test.yaml", ["data.max_prompt_length=64", "data.max_length=160",
+                                             "train.opponent_logps=in_step"])
+kind, chip, devices = plan.topology("v5e-8")
+mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+m = tiny_config("mistral", vocab_size=256, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2,
+                head_dim=64, sliding_window=48, attention="splash", dtype="bfloat16", remat="dots")
+out = {}
+for name, build in (("train", plan.train_program), ("score", plan.score_program)):
+    out[name] = build(cfg, m, mesh).lower().compile().as_text().count("tpu_custom_call")
+print(json.dumps(out))
+"""
+
+
+def test_kernel_path_compiles_for_a_tpu_topology():
+    """The train step (in-step opponent) and the scoring program with splash attention (GQA,
+    sliding window, bf16, over the 8 chips of a v5e-8 under shard_map) compile with XLA:TPU: the
+    kernels are lowered by Mosaic and appear as TPU custom calls, forward (prompt and responses, for
+    the policy and the opponent) and backward (dq and dkv)."""
+    if not os.path.isdir(os.path.join(TPU_PATH, "libtpu")):
+        pytest.skip(f"no libtpu in {TPU_PATH}: `make venv-tpu` installs it (make test does)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TPU_PATH, ROOT]), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run([sys.executable, "-c", KERNEL_COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    calls = json.loads(p.stdout.strip().splitlines()[-1])
+    assert calls["score"] == 2, calls  # a prompt's attention and its responses'
+    assert calls["train"] >= 2 * 2 + 2 * 2, calls  # forward for policy and opponent, dq and dkv for the policy

@@ -1,4 +1,4 @@
-"""HF safetensors directories in and out (Llama, Mistral, Qwen2 architectures).
+"""HF safetensors directories in and out (Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 text).
 
 Tensor names and layouts come from `spin_jax.io.names`. The RoPE layout is the same as ours (half
 rotation), so no permutation.
@@ -17,7 +17,11 @@ from spin_jax.errors import NonFiniteParams
 from spin_jax.io import names
 from spin_jax.model.config import ModelConfig
 
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+# HF model_type -> our architecture (Gemma 3's text-only model is "gemma3_text")
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                "gemma3_text": "gemma3"}
 
 
 def read_hf_dir(path: str):
@@ -47,17 +51,37 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 
 
 def _config_from_hf(hf: dict, where: str) -> ModelConfig:
-    arch = hf.get("model_type")
-    if arch not in _HF_CLASSES:
-        raise ValueError(f"{where}: model_type {arch!r} is not supported; expected one of {list(_HF_CLASSES)}")
+    arch = _MODEL_TYPES.get(hf.get("model_type"))
+    if arch is None:
+        raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not supported; expected one of "
+                         f"{list(_MODEL_TYPES)}")
     rope = hf.get("rope_parameters") or {}
+    if "full_attention" in rope:  # Gemma 3 in transformers 5: one RoPE per layer kind
+        rope, local_rope = rope["full_attention"], rope.get("sliding_attention") or {}
+    else:
+        local_rope = {}
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or rope
     scaling = {k: v for k, v in scaling.items() if k != "rope_theta"} if scaling else None
     if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         scaling = None
     heads = hf["num_attention_heads"]
-    window = hf.get("sliding_window") if arch == "mistral" or hf.get("use_sliding_window") else None
+    gemma = arch in ("gemma2", "gemma3")
+    window = hf.get("sliding_window") if arch == "mistral" or gemma or hf.get("use_sliding_window") else None
+    extra = {}
+    if gemma:
+        n = hf["num_hidden_layers"]
+        types = hf.get("layer_types") or [
+            "sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 2 if arch == "gemma2" else 6) else
+            "full_attention" for i in range(n)]
+        extra = dict(
+            local_layers=tuple(t == "sliding_attention" for t in types), gemma_norm=True, sandwich_norms=True,
+            embed_scale=True, activation=_activation(hf.get("hidden_activation") or hf.get("hidden_act"), where),
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"))
+        if arch == "gemma3":
+            extra["rope_local_theta"] = float(hf.get("rope_local_base_freq", local_rope.get("rope_theta", 10000.0)))
+            theta = hf.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
     return ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -65,9 +89,20 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-        sliding_window=window, architecture=arch)
+        sliding_window=window, architecture=arch, qk_norm=arch in ("qwen3", "gemma3"), **extra)
+
+
+def _int_if_whole(x):
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
+def _activation(name, where: str) -> str:
+    acts = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+    if name not in acts:
+        raise ValueError(f"{where}: hidden_activation {name!r} is not supported; expected one of {list(acts)}")
+    return acts[name]
 
 
 def config_to_hf(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
@@ -85,8 +120,24 @@ def config_to_hf(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> di
         hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
     if cfg.architecture == "mistral":
         hf["sliding_window"] = cfg.sliding_window
-    if cfg.architecture == "qwen2":
+    if cfg.architecture in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=False, sliding_window=None)
+    if cfg.architecture == "qwen3":
+        hf.update(attention_bias=cfg.attention_bias)
+    if cfg.architecture in ("gemma2", "gemma3"):
+        types = ["sliding_attention" if w is not None else "full_attention" for w in cfg.layer_windows()]
+        hf.update(model_type="gemma3_text" if cfg.architecture == "gemma3" else "gemma2",
+                  hidden_activation="gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "silu",
+                  sliding_window=cfg.sliding_window, layer_types=types,
+                  query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
+                  attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
+                  attention_bias=cfg.attention_bias)
+        hf.pop("hidden_act")
+        if cfg.architecture == "gemma3":
+            full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling_dict or {})}
+            local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+            hf.update(rope_parameters={"full_attention": full, "sliding_attention": local})
+            del hf["rope_theta"], hf["rope_scaling"]
     if tokenizer is not None:
         hf.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)

@@ -48,17 +48,22 @@ def resolve_model_path(spec: str) -> str:
 
 
 def load_model(spec: str, dtype: str | None = None, param_dtype: str | None = None,
-               remat: str | None = None, attn_block: int | None = None) -> LoadedModel:
-    from spin_jax.io import gguf_io, hf, tokenizer
+               remat: str | None = None, attn_block: int | None = None,
+               attention: str | None = None, chat_template: str | None = None,
+               template_option: str = "model.chat_template") -> LoadedModel:
+    """The model `spec` (see the module docstring) with compute overrides; `chat_template` (a known
+    name or a Jinja file) replaces the tokenizer's own, and a model with neither is an error
+    naming `template_option`."""
+    from spin_jax.io import gguf_io, hf
 
     path = resolve_model_path(spec)
     if os.path.isdir(path):
         cfg, params = hf.read_hf_dir(path)
-        tok = tokenizer.tokenizer_from_hf_dir(path)
     else:
         cfg, params, _ = gguf_io.read_gguf(path)
-        tok = tokenizer.tokenizer_from_gguf(path)
-    overrides = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attn_block=attn_block)
+    tok = load_tokenizer(spec, chat_template, template_option)
+    overrides = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attn_block=attn_block,
+                     attention=attention)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return LoadedModel(cfg.replace(**overrides), params, tok, path)
 
@@ -83,13 +88,16 @@ def model_config_only(spec: str, shapes_config: str | None = None) -> ModelConfi
 
 def load_model_for(model_cfg, spec: str) -> LoadedModel:
     """`spec` loaded with the config's `model` section's compute settings (dtype, param_dtype,
-    remat, attn_block): how the driver and evaluate load the run's models."""
+    remat, attn_block, attention, chat_template): how the driver and evaluate load the run's models."""
     m = model_cfg
-    return load_model(spec, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attn_block=m.attn_block)
+    return load_model(spec, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attn_block=m.attn_block,
+                      attention=m.attention, chat_template=m.chat_template)
 
 
-def load_tokenizer(spec: str):
-    from spin_jax.io import tokenizer
+def load_tokenizer(spec: str, chat_template: str | None = None, template_option: str = "model.chat_template"):
+    """The model's tokenizer with its chat template: `chat_template` if given (`templates.apply`)."""
+    from spin_jax.io import templates, tokenizer
 
     path = resolve_model_path(spec)
-    return tokenizer.tokenizer_from_hf_dir(path) if os.path.isdir(path) else tokenizer.tokenizer_from_gguf(path)
+    tok = tokenizer.tokenizer_from_hf_dir(path) if os.path.isdir(path) else tokenizer.tokenizer_from_gguf(path)
+    return templates.apply(tok, chat_template, template_option, spec)

@@ -37,8 +37,26 @@ GLOBAL_TENSORS = (
 FORMATS = {"hf": (1, "model.layers.{i}."), "gguf": (2, "blk.{i}.")}
 
 
+QK_NORM_TENSORS = (  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k
+    ("q_norm", "self_attn.q_norm.weight", "attn_q_norm.weight", "vector"),
+    ("k_norm", "self_attn.k_norm.weight", "attn_k_norm.weight", "vector"),
+)
+# Gemma's four norms per layer: HF's post_attention_layernorm is the norm after attention there,
+# and pre_feedforward_layernorm the one before the MLP (Llama's post_attention_layernorm)
+SANDWICH_TENSORS = (
+    ("attn_norm", "input_layernorm.weight", "attn_norm.weight", "vector"),
+    ("post_attn_norm", "post_attention_layernorm.weight", "post_attention_norm.weight", "vector"),
+    ("mlp_norm", "pre_feedforward_layernorm.weight", "ffn_norm.weight", "vector"),
+    ("post_mlp_norm", "post_feedforward_layernorm.weight", "post_ffw_norm.weight", "vector"),
+)
+
+
 def layer_tensors(cfg):
-    return LAYER_TENSORS + (BIAS_TENSORS if cfg.attention_bias else ())
+    base = LAYER_TENSORS
+    if cfg.sandwich_norms:
+        base = SANDWICH_TENSORS + tuple(t for t in LAYER_TENSORS if t[0] not in ("attn_norm", "mlp_norm"))
+    return (base + (BIAS_TENSORS if cfg.attention_bias else ())
+            + (QK_NORM_TENSORS if cfg.qk_norm else ()))
 
 
 def global_tensors(cfg):

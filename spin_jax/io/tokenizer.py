@@ -17,11 +17,7 @@ GGUF_TOKEN_TYPE_USER_DEFINED = 4
 def tokenizer_from_hf_dir(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.chat_template is None:
-        raise ValueError(f"{path}: the tokenizer has no chat_template; SPIN needs the model's chat format "
-                         "(add one to tokenizer_config.json)")
-    return tok
+    return AutoTokenizer.from_pretrained(path)  # its chat template may be None (`templates.apply`)
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,9 +66,7 @@ def tokenizer_from_gguf(path: str):
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[int(i)] if i is not None else None
 
-    template = meta.get("tokenizer.chat_template")
-    if template is None:
-        raise ValueError(f"{path}: the GGUF file has no tokenizer.chat_template")
+    template = meta.get("tokenizer.chat_template")  # None for most base models (`templates.apply`)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=name("bos_token_id"), eos_token=name("eos_token_id"),
         unk_token=name("unknown_token_id"), pad_token=name("padding_token_id") or name("eos_token_id"),

@@ -5,11 +5,16 @@ Layouts (B batch, T queries, S keys, H query heads, K kv heads, G = H/K, E head 
     q [B, T, H, E]    keys kt [B, K, E, S] (transposed, as the KV cache stores them)
     values v [B, K, S, E]    mask [B, T, S] bool
 
-A TPU kernel path can sit beside this one: the forward calls `causal_attention` and `attention`
-only, so a dispatch on the backend goes here. Measured costs are in bench/RESULTS.md.
+Training and scoring attention goes through `causal`, which picks this path or the Pallas TPU
+kernel (`spin_jax.model.kernels`) by `model.attention`; decoding through the KV cache always runs
+`attention` here. Measured costs are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,33 +22,103 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 
-def attention_mask(cfg, q_slot, q_pos, k_slot, k_pos, k_valid):
-    """[B, T, S] bool: key slot valid, not after the query, within the sliding window."""
+def attention_mask(window, q_slot, q_pos, k_slot, k_pos, k_valid):
+    """[B, T, S] bool: key slot valid, not after the query, within the sliding `window` (None: no
+    window)."""
     mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & k_valid[:, None, :]
-    if cfg.sliding_window is not None:
-        mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window
+    if window is not None:
+        mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
     return mask
 
 
-def causal_attention(q, kt, v, mask, offset: int, block: int):
+def layer_masks(cfg, build):
+    """(global mask, local mask) from build(window) -> mask: the two differ only when local and
+    global layers mix (Gemma); `pick` chooses a layer's."""
+    if cfg.mixed_layers:
+        return build(None), build(cfg.sliding_window)
+    mask = build(cfg.layer_windows()[0])
+    return mask, mask
+
+
+def pick(pair, local):
+    """pair[1] on local layers, else pair[0] (`local` is the scanned per-layer flag)."""
+    return pair[0] if pair[0] is pair[1] else jax.tree.map(lambda g, l: jnp.where(local, l, g), pair[0], pair[1])
+
+
+_MESH: contextvars.ContextVar = contextvars.ContextVar("spin_jax_attention_mesh", default=None)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+    """Name the mesh a program's arrays live on while it traces, for the kernel path: Mosaic calls
+    cannot be partitioned automatically, so the kernel runs under shard_map on this mesh. The
+    jitted train step and scoring program trace inside it; the XLA path ignores it."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def traced_on(mesh, fn):
+    """`fn` tracing inside `on_mesh(mesh)` (wrap a function before jax.jit; it keeps fn's name,
+    which names the compiled program and its cache entry)."""
+    def traced(*args, **kw):
+        with on_mesh(mesh):
+            return fn(*args, **kw)
+    traced.__name__ = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "traced")
+    return traced
+
+
+def implementation(cfg) -> str:
+    """"xla", "splash" or "splash-interpret": cfg.attention, with "auto" resolved for this
+    process's backend (the kernel on TPU)."""
+    if cfg.attention == "auto":
+        return "splash" if jax.default_backend() == "tpu" else "xla"
+    return cfg.attention
+
+
+def causal(cfg, q, kt, v, masks, offset: int, q_valid, k_valid, local=False):
+    """Causal attention of queries at key slots offset + t (layouts above) by
+    `implementation(cfg)`: `masks` is `layer_masks`' pair, q_valid [B, T] / k_valid [B, S] the
+    padding, `local` the layer's flag (a traced bool inside the layer scan). The two paths agree on
+    every query with a valid key (`spin_jax.model.kernels`)."""
+    impl = implementation(cfg)
+    if impl == "xla":
+        return causal_attention(q, kt, v, pick(masks, local), offset, cfg.attn_block, cfg.attn_softcap)
+    from spin_jax.model import kernels  # Pallas loads only where the kernel runs
+
+    def run(window):
+        return lambda q, k, v: kernels.causal_attention(
+            q, k, v, q_valid, k_valid, offset=offset, window=window, softcap=cfg.attn_softcap,
+            interpret=impl == "splash-interpret", mesh=_MESH.get())
+
+    args = (q, kt.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3))
+    if not cfg.mixed_layers:
+        return run(cfg.layer_windows()[0])(*args)
+    return jax.lax.cond(local, run(cfg.sliding_window), run(None), *args)
+
+
+def causal_attention(q, kt, v, mask, offset: int, block: int, softcap=None):
     """`attention` where query t sits at key slot offset + t and sees no later slot (the mask says
     so too). Queries go in blocks of `block`, each against the keys up to its last query's slot, so
     most of the masked upper triangle is not computed. Exact: it only drops keys that every query
     of the block masks. block <= 0: one block."""
     t = q.shape[1]
     if block <= 0 or block >= t:
-        return attention(q, kt, v, mask)
+        return attention(q, kt, v, mask, softcap)
     outs = []
     for a in range(0, t, block):
         b = min(a + block, t)
         s = offset + b
-        outs.append(attention(q[:, a:b], kt[..., :s], v[:, :, :s], mask[:, a:b, :s]))
+        outs.append(attention(q[:, a:b], kt[..., :s], v[:, :, :s], mask[:, a:b, :s], softcap))
     return jnp.concatenate(outs, axis=1)
 
 
-@jax.custom_vjp
-def attention(q, kt, v, mask):
-    """Grouped-query attention -> [B, T, H, E] (layouts in the module docstring).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention(q, kt, v, mask, softcap=None):
+    """Grouped-query attention -> [B, T, H, E] (layouts in the module docstring); `softcap` caps
+    the scores at cap * tanh(scores / cap) (Gemma 2).
 
     (batch, kv head) lead both matmuls; the G query heads of a kv head and the T queries are
     stacked as G*T rows against the group's keys. In decode (T = 1) q needs no transpose, and keys
@@ -55,13 +130,14 @@ def attention(q, kt, v, mask):
     The backward is FlashAttention's, untiled: it keeps O and each row's log-sum-exp (remat "dots"
     saves them), recomputes P = exp(S - lse) with one matmul and one exp, and takes
     dS = P * (dP - rowsum(dO * O)). P is exactly 0 at masked keys of any row with a valid key, and
-    rows with none have dO = 0 (their output is the constant 0). Tested against autodiff of plain
+    rows with none have dO = 0 (their output is the constant 0). With a soft cap, dS is also
+    multiplied by the cap's derivative 1 - (capped / cap)^2. Tested against autodiff of plain
     softmax attention and against torch in float64.
     """
-    return _attention_fwd(q, kt, v, mask)[0]
+    return _attention_fwd(q, kt, v, mask, softcap)[0]
 
 
-def _attention_core(q, kt, v, mask):
+def _attention_core(q, kt, v, mask, softcap):
     """-> (out [B, K, G*T, E], log-sum-exp of each row's masked scores [B, K, G, T], scaled grouped
     q [B, K, G*T, E], any_key [B, 1, G*T, 1]: the row has a valid key)."""
     b, t, h, e = q.shape
@@ -70,7 +146,7 @@ def _attention_core(q, kt, v, mask):
     any_key = any_key.reshape(b, 1, -1, 1)
     # 1/sqrt(E) scales q, not the [rows, S] scores (exact for E a power of 4, as 1/8 for E = 64)
     q = (_group(q, kh).astype(jnp.float32) / np.sqrt(e).astype(np.float32)).astype(kt.dtype)
-    scores = _masked_scores(q, kt, mask)
+    scores = _masked_scores(q, kt, mask, softcap)[0]
     m = jnp.max(scores, axis=-1, keepdims=True)  # never differentiated: the backward is _attention_bwd
     p = jnp.exp(scores - m)
     s = jnp.sum(p, axis=-1, keepdims=True)
@@ -79,13 +155,18 @@ def _attention_core(q, kt, v, mask):
     return out, (m + jnp.log(s))[..., 0], q, any_key
 
 
-def _masked_scores(qs, kt, mask):
-    """Scaled grouped q [B, K, G*T, E] x keys [B, K, E, S] -> fp32 scores [B, K, G, T, S], masked."""
+def _masked_scores(qs, kt, mask, softcap):
+    """Scaled grouped q [B, K, G*T, E] x keys [B, K, E, S] -> (fp32 scores [B, K, G, T, S], soft-capped
+    and masked; the cap's derivative, or None without a cap)."""
     b, kh = kt.shape[:2]
     t = mask.shape[1]
     scores = jnp.einsum("bkqe,bkes->bkqs", qs, kt, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kh, -1, t, scores.shape[-1])
-    return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    d_cap = None
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+        d_cap = 1.0 - jnp.square(scores / softcap)
+    return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min), d_cap
 
 
 def _group(x, kh):
@@ -100,23 +181,27 @@ def _ungroup(x, t):
     return x.reshape(b, kh, gt // t, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, e)
 
 
-def _attention_fwd(q, kt, v, mask):
-    out, lse, qs, any_key = _attention_core(q, kt, v, mask)
+def _attention_fwd(q, kt, v, mask, softcap):
+    out, lse, qs, any_key = _attention_core(q, kt, v, mask, softcap)
     out, lse = checkpoint_name(out, "attn_out"), checkpoint_name(lse, "attn_lse")
     return _ungroup(out, q.shape[1]), (qs, kt, v, mask, out, lse, any_key)
 
 
-def _attention_bwd(res, d_out):
+def _attention_bwd(softcap, res, d_out):
     qs, kt, v, mask, out, lse, any_key = res
     b, t, h, e = d_out.shape
     kh = kt.shape[1]
     # P recomputed from the saved log-sum-exp: one matmul and one exp, no max/sum passes and no P.V
-    probs = jnp.exp(_masked_scores(qs, kt, mask) - lse[..., None]).reshape(b, kh, -1, kt.shape[-1])
+    scores, d_cap = _masked_scores(qs, kt, mask, softcap)
+    probs = jnp.exp(scores - lse[..., None]).reshape(b, kh, -1, kt.shape[-1])
     do = _group(d_out, kh) * any_key.astype(d_out.dtype)  # rows with no valid key output a constant
     dv = jnp.einsum("bkqs,bkqe->bkse", probs.astype(v.dtype), do, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkqe,bkse->bkqs", do, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = (probs * (dp - delta)).astype(qs.dtype)  # d scores
+    ds = probs * (dp - delta)  # d scores
+    if d_cap is not None:
+        ds = ds * d_cap.reshape(ds.shape)
+    ds = ds.astype(qs.dtype)
     dq = jnp.einsum("bkqs,bkes->bkqe", ds, kt, preferred_element_type=jnp.float32) / np.sqrt(e).astype(np.float32)
     dkt = jnp.einsum("bkqe,bkqs->bkes", qs, ds, preferred_element_type=jnp.float32)
     return (_ungroup(dq, t).astype(d_out.dtype), dkt.astype(kt.dtype), dv.astype(v.dtype), None)

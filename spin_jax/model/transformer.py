@@ -1,10 +1,12 @@
-"""The causal LM as pure functions over a params pytree (Llama, Mistral, Qwen2).
+"""The causal LM as pure functions over a params pytree (Llama, Mistral, Qwen2/3, Gemma 2/3).
 
 `init_params(cfg, rng)` builds the parameters with an NNX module (each weight an `nnx.Param`
 carrying its logical axes) and returns them as a plain pytree; `param_axes(cfg)` returns the same
 tree of logical-axis tuples, so sharding is a rule table (`spin_jax.sharding`). The layers are
 stacked along a leading `layers` axis and run under `lax.scan`, so compile time does not grow with
-depth. Three forwards share the layer's pieces (`_qkv`, `_attn_out_mlp`):
+depth; where local (sliding-window) and global layers mix, each layer's kind is scanned with its
+weights and picks its mask and RoPE table, so the layers still compile once. Three forwards share
+the layer's pieces (`_qkv`, `_attn_out_mlp`):
     forward / forward_hidden   whole rows, causal; with a `cache.KVCache`, the sampler's prefill
                                and decode step
     forward_shared_prefix      several continuations of one prefix, the prefix computed once
@@ -14,6 +16,7 @@ Layout of the params tree (D hidden, H heads, K kv heads, E head_dim, F mlp, V v
   embed            [V, D]
   layers/attn_norm [L, D]      layers/wq [L, D, H, E]   layers/wk, wv [L, D, K, E]
   layers/bq [L, H, E], bk, bv [L, K, E] (Qwen2 only)    layers/wo [L, H, E, D]
+  layers/q_norm, k_norm [L, E] (Qwen3, Gemma 3)         layers/post_attn_norm, post_mlp_norm [L, D] (Gemma)
   layers/mlp_norm  [L, D]      layers/w_gate, w_up [L, D, F]   layers/w_down [L, F, D]
   final_norm       [D]
   lm_head          [D, V]      (absent with tied embeddings)
@@ -30,8 +33,9 @@ import numpy as np
 from flax import nnx
 
 from spin_jax import sharding
+from spin_jax.loss import softcap
 from spin_jax.model import cache as cache_lib
-from spin_jax.model.attention import attention, attention_mask, causal_attention
+from spin_jax.model.attention import attention, attention_mask, causal, layer_masks, pick
 from spin_jax.model.cache import KVCache
 from spin_jax.model.config import ModelConfig
 
@@ -61,16 +65,16 @@ def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
     positions, valid = _defaults(tokens, positions, valid)
     if cache is None:
         slot = jnp.arange(t, dtype=jnp.int32)
-        mask = attention_mask(cfg, slot, positions, slot, positions, valid)  # [B, T, T]
-        x, _ = _run_layers(params, cfg, tokens, positions, _self_attend(cfg, mask), None)
+        masks = layer_masks(cfg, lambda w: attention_mask(w, slot, positions, slot, positions, valid))  # [B, T, T]
+        x, _ = _run_layers(params, cfg, tokens, positions, _self_attend(cfg, masks, valid), None)
         return x, None
     q_slot = cache.index + jnp.arange(t, dtype=jnp.int32)
     k_pos, k_valid = cache_lib.slot_metadata(cache, positions, valid)
     w = cache.pos.shape[1] if window is None else window
-    mask = attention_mask(cfg, q_slot, positions, jnp.arange(w, dtype=jnp.int32), k_pos[:, :w],
-                          k_valid[:, :w])  # [B, T, W]
+    masks = layer_masks(cfg, lambda win: attention_mask(win, q_slot, positions, jnp.arange(w, dtype=jnp.int32),
+                                                         k_pos[:, :w], k_valid[:, :w]))  # [B, T, W]
     write = cache_lib.write_decode if t == 1 else cache_lib.write_prefill
-    attend = _cached_attend(cfg, mask, write, cache.index, w)
+    attend = _cached_attend(cfg, masks, write, cache.index, w)
     x, (ck, cv) = _run_layers(params, cfg, tokens, positions, attend, (cache.k, cache.v))
     return x, KVCache(ck, cv, k_pos, k_valid, cache.index + t)
 
@@ -92,39 +96,39 @@ def forward_shared_prefix(params, cfg: ModelConfig, prefix, prefix_positions, pr
     n, p = prefix.shape
     g, t = tokens.shape[0] // n, tokens.shape[1]
     slot = jnp.arange(p, dtype=jnp.int32)
-    mask_p = attention_mask(cfg, slot, prefix_positions, slot, prefix_positions, prefix_valid)
+    mask_p = layer_masks(cfg, lambda w: attention_mask(w, slot, prefix_positions, slot, prefix_positions, prefix_valid))
     rep = lambda a: jnp.repeat(a, g, axis=0)  # noqa: E731  prefix rows -> their continuations' rows
     k_pos = jnp.concatenate([rep(prefix_positions), positions], axis=1)
     k_valid = jnp.concatenate([rep(prefix_valid), valid], axis=1)
-    mask_c = attention_mask(cfg, p + jnp.arange(t, dtype=jnp.int32), positions,
-                            jnp.arange(p + t, dtype=jnp.int32), k_pos, k_valid)  # [gN, T, P + T]
+    mask_c = layer_masks(cfg, lambda w: attention_mask(w, p + jnp.arange(t, dtype=jnp.int32), positions,
+                                                       jnp.arange(p + t, dtype=jnp.int32), k_pos, k_valid))
     dtype = jnp.dtype(cfg.dtype)
-    embed = params["embed"].astype(dtype)
     side = lambda a: a.reshape(n, g * t, *a.shape[2:])  # noqa: E731  [gN, T, ...] -> [N, gT, ...]
     rows = lambda a: a.reshape(g * n, t, *a.shape[2:])  # noqa: E731  [N, gT, ...] -> [gN, T, ...]
-    x = jnp.concatenate([embed[prefix], side(embed[tokens])], axis=1)  # [N, P + gT, D]
-    cos, sin = rope_tables(cfg, jnp.concatenate([prefix_positions, side(positions)], axis=1))
+    x = jnp.concatenate([_embed(params, cfg, prefix), side(_embed(params, cfg, tokens))], axis=1)  # [N, P + gT, D]
+    ropes = _rope_pair(cfg, jnp.concatenate([prefix_positions, side(positions)], axis=1))
 
-    def layer(x, lp):
+    def layer(x, xs):
+        lp, local = xs
         lp = _cast(lp, dtype)
-        q, k, v = _qkv(cfg, lp, x, cos, sin)  # [N, P + gT, heads, E]
+        q, k, v = _qkv(cfg, lp, x, *pick(ropes, local))  # [N, P + gT, heads, E]
         kt_p, v_p = _kv_layout(k[:, :p], v[:, :p])
         kt_c, v_c = _kv_layout(rows(k[:, p:]), rows(v[:, p:]))
-        attn_p = causal_attention(q[:, :p], kt_p, v_p, mask_p, 0, cfg.attn_block)
+        attn_p = causal(cfg, q[:, :p], kt_p, v_p, mask_p, 0, prefix_valid, prefix_valid, local)
         kt = jnp.concatenate([rep(kt_p), kt_c], axis=-1)
         v = jnp.concatenate([rep(v_p), v_c], axis=-2)
-        attn_c = causal_attention(rows(q[:, p:]), kt, v, mask_c, p, cfg.attn_block)
+        attn_c = causal(cfg, rows(q[:, p:]), kt, v, mask_c, p, valid, k_valid, local)
         return _attn_out_mlp(cfg, lp, x, jnp.concatenate([attn_p, side(attn_c)], axis=1)), None
 
-    x, _ = jax.lax.scan(_remat(layer, cfg.remat), x, params["layers"], unroll=_unroll(cfg))
-    x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    x, _ = jax.lax.scan(_remat(layer, cfg.remat), x, (params["layers"], _local_flags(cfg)), unroll=_unroll(cfg))
+    x = _norm(cfg, x, params["final_norm"].astype(dtype))
     return x[:, :p], rows(x[:, p:])
 
 
 def logits_from_hidden(params, cfg: ModelConfig, hidden):
     """[..., D] hidden states -> [..., V] float32 logits."""
     w = output_embedding(params, cfg).astype(hidden.dtype)  # [D, V]
-    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    return softcap(jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32), cfg.final_softcap)
 
 
 def output_embedding(params, cfg: ModelConfig):
@@ -141,40 +145,41 @@ def _run_layers(params, cfg: ModelConfig, tokens, positions, attend, kv):
     returns (attention output [B, T, H, E], kv); kv is the cache's (k, v) or None.
     Returns (hidden [B, T, D], kv)."""
     dtype = jnp.dtype(cfg.dtype)
-    x = params["embed"].astype(dtype)[tokens]  # [B, T, D]
-    cos, sin = rope_tables(cfg, positions)  # [B, T, E]
+    x = _embed(params, cfg, tokens)  # [B, T, D]
+    ropes = _rope_pair(cfg, positions)  # cos, sin [B, T, E] of global and local layers
 
     def layer(carry, xs):
         x, kv = carry
-        lp, i = xs
+        lp, i, local = xs
         lp = _cast(lp, dtype)
-        q, k, v = _qkv(cfg, lp, x, cos, sin)
-        attn, kv = attend(q, *_kv_layout(k, v), kv, i)
+        q, k, v = _qkv(cfg, lp, x, *pick(ropes, local))
+        attn, kv = attend(q, *_kv_layout(k, v), kv, i, local)
         return (_attn_out_mlp(cfg, lp, x, attn), kv), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, kv), _ = jax.lax.scan(_remat(layer, cfg.remat), (x, kv), (params["layers"], layer_ids), unroll=_unroll(cfg))
-    x = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_norm_eps)
+    (x, kv), _ = jax.lax.scan(_remat(layer, cfg.remat), (x, kv), (params["layers"], layer_ids, _local_flags(cfg)),
+                              unroll=_unroll(cfg))
+    x = _norm(cfg, x, params["final_norm"].astype(dtype))
     return x, kv
 
 
-def _self_attend(cfg: ModelConfig, mask):
-    """Attention of a whole row on itself: query slot i sees key slots <= i, in query blocks."""
-    def attend(q, kt, v, kv, layer):
-        return causal_attention(q, kt, v, mask, 0, cfg.attn_block), kv
+def _self_attend(cfg: ModelConfig, masks, valid):
+    """Attention of a whole row on itself: query slot i sees key slots <= i."""
+    def attend(q, kt, v, kv, layer, local):
+        return causal(cfg, q, kt, v, masks, 0, valid, valid, local), kv
     return attend
 
 
-def _cached_attend(cfg: ModelConfig, mask, write, index, window: int):
+def _cached_attend(cfg: ModelConfig, masks, write, index, window: int):
     """Attention through the KV cache: `write` stores the layer's keys/values at `index`
     (cache.write_decode or cache.write_prefill), then the queries read slots [0, window)."""
     dtype = jnp.dtype(cfg.dtype)
 
-    def attend(q, kt, v, kv, layer):
+    def attend(q, kt, v, kv, layer, local):
         ck, cv = kv
         ck, cv, lk, lv = write(ck, cv, layer, kt.astype(ck.dtype), v.astype(cv.dtype), index)
         kt, v = lk[..., :window].astype(dtype), lv[:, :, :window].astype(dtype)
-        return attention(q, kt, v, mask), (ck, cv)
+        return attention(q, kt, v, pick(masks, local), cfg.attn_softcap), (ck, cv)
     return attend
 
 
@@ -183,11 +188,16 @@ def _qkv(cfg: ModelConfig, lp, x, cos, sin):
     Token-major activations; every projection is a plain 2-D [B*T, D] matmul (3-D einsums make
     XLA:CPU transpose gradients through slow fused copies)."""
     b, t, d = x.shape
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).reshape(b * t, d)
+    h = _norm(cfg, x, lp["attn_norm"]).reshape(b * t, d)
     q, k, v = (jnp.matmul(h, lp[n].reshape(d, -1)).reshape(b, t, *lp[n].shape[1:])
                for n in ("wq", "wk", "wv"))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if cfg.qk_norm:
+        q, k = _norm(cfg, q, lp["q_norm"]), _norm(cfg, k, lp["k_norm"])
+    if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != cfg.head_dim:
+        # attention scales scores by head_dim ** -0.5; Gemma's scale is query_pre_attn_scalar ** -0.5
+        q = (q.astype(jnp.float32) * np.float32(math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar))).astype(q.dtype)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -199,10 +209,38 @@ def _kv_layout(k, v):
 def _attn_out_mlp(cfg: ModelConfig, lp, x, attn):
     """The rest of a layer: x + attention's output projection, then x + the gated MLP."""
     b, t, d = x.shape
-    x = x + (attn.reshape(b * t, -1) @ lp["wo"].reshape(-1, d)).reshape(x.shape)
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).reshape(b * t, -1)  # 2-D matmuls
+    out = (attn.reshape(b * t, -1) @ lp["wo"].reshape(-1, d)).reshape(x.shape)
+    x = x + (_norm(cfg, out, lp["post_attn_norm"]) if cfg.sandwich_norms else out)
+    h = _norm(cfg, x, lp["mlp_norm"]).reshape(b * t, -1)  # 2-D matmuls
     gate, up = h @ lp["w_gate"], h @ lp["w_up"]
-    return x + ((jax.nn.silu(gate) * up) @ lp["w_down"]).reshape(x.shape)
+    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    out = ((act * up) @ lp["w_down"]).reshape(x.shape)
+    return x + (_norm(cfg, out, lp["post_mlp_norm"]) if cfg.sandwich_norms else out)
+
+
+def _embed(params, cfg: ModelConfig, tokens):
+    """Token embeddings in the compute dtype (Gemma: times sqrt(hidden), rounded to that dtype)."""
+    dtype = jnp.dtype(cfg.dtype)
+    x = params["embed"].astype(dtype)[tokens]
+    return x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype) if cfg.embed_scale else x
+
+
+def _norm(cfg: ModelConfig, x, w):
+    return rms_norm(x, w, cfg.rms_norm_eps, cfg.gemma_norm)
+
+
+def _local_flags(cfg: ModelConfig):
+    """[L] bool, scanned with the layers: which layers are local (sliding-window)."""
+    return jnp.asarray(cfg.local_layers or (False,) * cfg.num_layers)
+
+
+def _rope_pair(cfg: ModelConfig, positions):
+    """(global, local) RoPE tables (cos, sin); one table twice unless Gemma 3's local layers have
+    their own base."""
+    tables = rope_tables(cfg, positions)
+    if cfg.mixed_layers and cfg.rope_local_theta is not None and cfg.rope_local_theta != cfg.rope_theta:
+        return tables, rope_tables(cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None), positions)
+    return tables, tables
 
 
 def _unroll(cfg: ModelConfig):
@@ -239,9 +277,13 @@ def _remat(fn, policy: str):
 # Building blocks
 
 
-def rms_norm(x, w, eps):
+def rms_norm(x, w, eps, gemma: bool = False):
+    """RMSNorm over the last axis. Llama: normalize in fp32, cast, times w. Gemma: times (1 + w)
+    in fp32, then cast."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if gemma:
+        return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return (xf.astype(x.dtype) * w).astype(x.dtype)
 
 
@@ -258,8 +300,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         inv = np.where(medium, smoothed, scaled)
+    elif rs and rs.get("rope_type", rs.get("type")) == "linear":  # Gemma 3's global layers (4B and up)
+        inv = inv / rs["factor"]
     elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-        raise NotImplementedError(f"rope_scaling {rs} is not supported (llama3 or none)")
+        raise NotImplementedError(f"rope_scaling {rs} is not supported (llama3, linear or none)")
     return inv.astype(np.float32)
 
 
@@ -327,8 +371,8 @@ class CausalLMParams(nnx.Module):
         def normal(shape, axes):
             return nnx.Param((0.02 * jax.random.normal(rngs.params(), shape)).astype(pd), axes=axes)
 
-        def ones(shape, axes):
-            return nnx.Param(jnp.ones(shape, pd), axes=axes)
+        def ones(shape, axes):  # a norm's weight with unit scale: 1, or 0 where it is applied as (1 + w)
+            return nnx.Param(jnp.full(shape, 0.0 if cfg.gemma_norm else 1.0, pd), axes=axes)
 
         self.embed = normal((cfg.vocab_size, d), ("vocab", "embed"))
         layers = dict(
@@ -342,6 +386,11 @@ class CausalLMParams(nnx.Module):
             w_up=normal((n, d, f), ("layers", "embed", "mlp")),
             w_down=normal((n, f, d), ("layers", "mlp", "embed")),
         )
+        if cfg.qk_norm:
+            layers.update(q_norm=ones((n, e), ("layers", "head_dim")), k_norm=ones((n, e), ("layers", "head_dim")))
+        if cfg.sandwich_norms:
+            layers.update(post_attn_norm=ones((n, d), ("layers", "norm")),
+                          post_mlp_norm=ones((n, d), ("layers", "norm")))
         if cfg.attention_bias:
             layers.update(bq=normal((n, h, e), ("layers", "heads", "head_dim")),
                           bk=normal((n, k, e), ("layers", "kv_heads", "head_dim")),
