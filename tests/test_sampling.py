@@ -33,12 +33,16 @@ def test_greedy_matches_transformers_generate(smollm2, smollm2_torch):
     sampler = Sampler(smollm2.cfg, batch_size=20, pad_id=tok.pad_token_id)
     sp = SamplingParams(max_new_tokens=64, greedy=True, stop_ids=(tok.eos_token_id,))
     ours = sampler.generate(sampler.place(smollm2.params), ids, sp)
+    width = max(map(len, ids))  # one left-padded batch for transformers too
+    batch = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with torch.no_grad():
+        g = smollm2_torch.generate(batch, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     same = 0
-    for i, o in zip(ids, ours):
-        with torch.no_grad():
-            g = smollm2_torch.generate(torch.tensor([i]), max_new_tokens=64, do_sample=False,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        same += g[0, len(i):].tolist() == o.tokens
+    for row, o in zip(g[:, width:].tolist(), ours):
+        end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+        same += row[:end] == o.tokens
     assert same >= 19, f"{same}/20 identical"
 
 

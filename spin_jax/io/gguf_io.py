@@ -1,8 +1,14 @@
-"""Read a Llama-family GGUF file: config, dequantized params, tokenizer metadata.
+"""Read a GGUF file (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3): config, dequantized params,
+tokenizer metadata.
 
-GGUF (llama.cpp) stores attn_q / attn_k rows permuted for its interleaved RoPE; we un-permute
-them back to the half-rotation layout that HF and `spin_jax.model` use. Tensor names and layouts
-come from `spin_jax.io.names`.
+Tensors are dequantized by the `gguf` package (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 and the
+k-quants Q4_K, Q5_K, Q6_K, ...). llama.cpp stores Llama and Mistral attn_q / attn_k rows permuted
+for its interleaved RoPE; we un-permute them back to the half-rotation layout that HF and
+`spin_jax.model` use (Qwen and Gemma files are not permuted). Gemma files store every RMSNorm
+weight as 1 + w (llama.cpp's converter adds the 1), so 1 is taken off again. What Gemma's GGUF
+metadata leaves out follows llama.cpp and transformers: Gemma 3 puts a global layer after every 5
+local ones (Gemma 2 alternates), its local layers use RoPE base 10000, and the attention scale is
+head_dim ** -0.5. Tensor names and layouts come from `spin_jax.io.names`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ import numpy as np
 
 from spin_jax.io import names
 from spin_jax.model.config import ModelConfig
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+_PERMUTED = ("llama", "mistral")  # q/k rows permuted for llama.cpp's interleaved RoPE
 
 
 def read_gguf(path: str):
@@ -30,8 +39,8 @@ def _read_config(reader, path: str):
     """(ModelConfig, metadata, tensors by name) of an open GGUF file."""
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(ARCHITECTURES)})")
     tensors = {t.name: t for t in reader.tensors}
     return _config(meta, arch, tensors), meta, tensors
 
@@ -72,6 +81,15 @@ def _config(meta: dict, arch: str, tensors) -> ModelConfig:
     head_dim = int(g("attention.key_length", d // heads))
     vocab = int(g("vocab_size", len(meta.get("tokenizer.ggml.tokens", []))))
     window = g("attention.sliding_window")
+    extra = {}
+    if arch in ("gemma2", "gemma3"):
+        n, every = int(g("block_count")), 2 if arch == "gemma2" else 6
+        cap = lambda k: float(g(k)) if g(k) else None  # noqa: E731
+        extra = dict(local_layers=tuple((i + 1) % every != 0 for i in range(n)), gemma_norm=True,
+                     sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
+                     query_pre_attn_scalar=float(head_dim), attn_softcap=cap("attn_logit_softcapping"),
+                     final_softcap=cap("final_logit_softcapping"),
+                     rope_local_theta=10000.0 if arch == "gemma3" else None)
     return ModelConfig(
         vocab_size=vocab, hidden_size=d, intermediate_size=int(g("feed_forward_length")),
         num_layers=int(g("block_count")), num_heads=heads,
@@ -81,8 +99,8 @@ def _config(meta: dict, arch: str, tensors) -> ModelConfig:
         max_position_embeddings=int(g("context_length", 8192)),
         tie_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
-        sliding_window=int(window) if window else None,
-        architecture=arch)
+        sliding_window=int(window) if window else None, qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        architecture=arch, **extra)
 
 
 def _dequant(t) -> np.ndarray:
@@ -107,9 +125,10 @@ def _params(cfg: ModelConfig, tensors, path: str):
         if name not in tensors:
             raise KeyError(f"{path}: tensor {name!r} missing from the GGUF file")
         w = _dequant(tensors[name])
-        # q/k rows are permuted for llama.cpp's interleaved RoPE, except in qwen2 files
-        if key in heads and cfg.architecture != "qwen2":
+        if key in heads and cfg.architecture in _PERMUTED:
             w = unpermute_rope_rows(w, heads[key])
+        if cfg.gemma_norm and name.endswith("norm.weight"):
+            w = w - 1.0  # stored as 1 + w
         return w
 
     return names.params_from_torch(cfg, get, "gguf")

