@@ -22,6 +22,11 @@ def softcap(x, cap):
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+def softcap_grad(capped, cap):
+    """The soft cap's derivative where it gave `capped`: 1 - (capped / cap)^2."""
+    return 1.0 - jnp.square(capped / cap)
+
+
 def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = False, cap=None):
     """Per-token log-probs [B, T] from hidden [B, T, D] and the output matrix w_out [D, V],
     computing the logits `vocab_chunk` columns at a time, so [B, T, V] fp32 never exists at once.
@@ -74,7 +79,7 @@ def _token_logps_bwd(cap, res, g):
     logits = softcap(jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32), cap)
     d = g[..., None] * (jax.nn.one_hot(labels, w_out.shape[1], dtype=jnp.float32) - jnp.exp(logits - lse[..., None]))
     if cap is not None:
-        d = d * (1.0 - jnp.square(logits / cap))
+        d = d * softcap_grad(logits, cap)
     d_hidden = jnp.einsum("btv,dv->btd", d.astype(w_out.dtype), w_out, preferred_element_type=jnp.float32)
     d_w = jnp.einsum("btd,btv->dv", hidden, d.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return d_hidden.astype(hidden.dtype), d_w.astype(w_out.dtype), None

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from spin_jax.data import tokenize
-from spin_jax.sampling import Sampler, SamplingParams
-from tests.test_sampling import PROMPTS
+from tests.test_sampling import PROMPTS, greedy_identical
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -75,22 +74,7 @@ def test_logits_on_chat_prompts_match_transformers(gemma, gemma_torch):
 
 
 def test_greedy_matches_transformers_generate(gemma, gemma_torch):
-    tok = gemma.tokenizer
-    ids = [tokenize.prompt_ids(tok, p) for p in PROMPTS]
-    stop = tokenize.end_of_turn_id(tok)
-    sampler = Sampler(gemma.cfg, batch_size=20, pad_id=tok.pad_token_id)
-    ours = sampler.generate(sampler.place(gemma.params), ids, SamplingParams(max_new_tokens=64, greedy=True,
-                                                                             stop_ids=(stop,)))
-    width = max(map(len, ids))  # one left-padded batch for transformers too
-    batch = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i in ids])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-    with torch.no_grad():
-        g = gemma_torch[0].generate(batch, attention_mask=mask, max_new_tokens=64, do_sample=False, eos_token_id=stop,
-                                    pad_token_id=tok.pad_token_id)
-    same = 0
-    for row, o in zip(g[:, width:].tolist(), ours):
-        end = row.index(stop) + 1 if stop in row else len(row)
-        same += row[:end] == o.tokens
+    same = greedy_identical(gemma, gemma_torch[0], tokenize.end_of_turn_id(gemma.tokenizer))
     print(f"greedy, 64 tokens: {same}/20 identical")
     assert same >= 19, f"{same}/20 identical"
 

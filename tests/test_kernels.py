@@ -17,9 +17,9 @@ import pytest
 from spin_jax import sharding, train
 from spin_jax.config import TrainSection
 from spin_jax.data import tokenize
-from spin_jax.model import attention, transformer
+from spin_jax.model import attention
 from spin_jax.model.config import tiny_config
-from tests.test_train import full_rows, make_batch, make_pairs, plain_loss
+from tests.test_train import full_rows, make_batch, make_pairs, moved, plain_loss
 
 
 def _layout(rng, shared: bool, h: int, k: int, e: int = 16):
@@ -97,16 +97,6 @@ def test_train_step_on_the_kernel_matches_plain_reference(arch):
     np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5)
     for g, r in zip(jax.tree.leaves(jax.tree.map(jnp.subtract, policy, new.params)), jax.tree.leaves(ref_grads)):
         assert np.abs(np.asarray(g) - np.asarray(r)).max() <= 1e-4 * np.abs(np.asarray(r)).max() + 1e-9
-
-
-def moved(cfg):
-    """(cfg, policy, opponent): the policy a little away from the opponent (as in test_train), so
-    the SPIN gradient is not a near-cancelling difference of the two models' gradients."""
-    opponent = transformer.init_params(cfg, jax.random.key(0))
-    leaves, treedef = jax.tree.flatten(opponent)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    policy = treedef.unflatten([a + 0.01 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
-    return cfg, policy, opponent
 
 
 def test_kernel_under_shard_map_equals_xla_on_one_device():

@@ -25,24 +25,31 @@ PROMPTS = [
 ]
 
 
-def test_greedy_matches_transformers_generate(smollm2, smollm2_torch):
+def greedy_identical(model, torch_model, stop: int, max_new_tokens: int = 64) -> int:
+    """How many of PROMPTS our greedy sampler continues exactly as transformers' `generate` (one
+    left-padded batch on both sides), up to and including the `stop` token."""
     import torch
 
-    tok = smollm2.tokenizer
+    tok = model.tokenizer
     ids = [tokenize.prompt_ids(tok, p) for p in PROMPTS]
-    sampler = Sampler(smollm2.cfg, batch_size=20, pad_id=tok.pad_token_id)
-    sp = SamplingParams(max_new_tokens=64, greedy=True, stop_ids=(tok.eos_token_id,))
-    ours = sampler.generate(sampler.place(smollm2.params), ids, sp)
-    width = max(map(len, ids))  # one left-padded batch for transformers too
+    sampler = Sampler(model.cfg, batch_size=len(ids), pad_id=tok.pad_token_id)
+    sp = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, stop_ids=(stop,))
+    ours = sampler.generate(sampler.place(model.params), ids, sp)
+    width = max(map(len, ids))
     batch = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     with torch.no_grad():
-        g = smollm2_torch.generate(batch, attention_mask=mask, max_new_tokens=64, do_sample=False,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        g = torch_model.generate(batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stop, pad_token_id=tok.pad_token_id)
     same = 0
     for row, o in zip(g[:, width:].tolist(), ours):
-        end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+        end = row.index(stop) + 1 if stop in row else len(row)
         same += row[:end] == o.tokens
+    return same
+
+
+def test_greedy_matches_transformers_generate(smollm2, smollm2_torch):
+    same = greedy_identical(smollm2, smollm2_torch, smollm2.tokenizer.eos_token_id)
     assert same >= 19, f"{same}/20 identical"
 
 

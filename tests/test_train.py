@@ -105,15 +105,19 @@ def plain_loss(params, opponent, cfg, micro, beta):
     return jnp.mean(jnp.log1p(jnp.exp(-beta * z)))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = tiny_config("llama")
+def moved(cfg):
+    """(cfg, policy, opponent): random opponent params and a policy a little away from them, so the
+    SPIN gradient is neither the trivial one nor a near-cancelling difference of the two models'."""
     opponent = transformer.init_params(cfg, jax.random.key(0))
-    # the policy has moved a little away from the opponent, so the gradient is not the trivial one
     keys = dict(zip(opponent, jax.random.split(jax.random.key(1), len(opponent))))
     keys["layers"] = {n: jax.random.fold_in(jax.random.key(2), i) for i, n in enumerate(opponent["layers"])}
     policy = jax.tree.map(lambda p, k: p + 0.01 * jax.random.normal(k, p.shape), opponent, keys)
     return cfg, policy, opponent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return moved(tiny_config("llama"))
 
 
 @pytest.mark.parametrize("remat,attn_block", [("none", 0), ("dots", 3), ("full", 3)])

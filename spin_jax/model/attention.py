@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from spin_jax import loss
+
 
 def attention_mask(window, q_slot, q_pos, k_slot, k_pos, k_valid):
     """[B, T, S] bool: key slot valid, not after the query, within the sliding `window` (None: no
@@ -164,8 +166,8 @@ def _masked_scores(qs, kt, mask, softcap):
     scores = scores.reshape(b, kh, -1, t, scores.shape[-1])
     d_cap = None
     if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-        d_cap = 1.0 - jnp.square(scores / softcap)
+        scores = loss.softcap(scores, softcap)
+        d_cap = loss.softcap_grad(scores, softcap)
     return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min), d_cap
 
 

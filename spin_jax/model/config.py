@@ -16,6 +16,7 @@ from typing import Any, Optional
 from spin_jax.config import ATTENTION
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -42,10 +43,6 @@ class ModelConfig:
     # sliding_window (if any) applies to every layer. Stored as a tuple of bools, one per layer.
     local_layers: Optional[tuple] = None
     rope_local_theta: Optional[float] = None  # Gemma 3: the local layers' RoPE base (default rope_theta)
-    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k before RoPE
-    gemma_norm: bool = False  # RMSNorm weight applied as (1 + w), in float32, then cast
-    sandwich_norms: bool = False  # Gemma: also a norm after attention and after the MLP
-    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
     activation: str = "silu"  # the gated MLP's: silu (SwiGLU) or gelu_tanh (GeGLU)
     query_pre_attn_scalar: Optional[float] = None  # Gemma: scores scaled by its -1/2 power, not head_dim's
     attn_softcap: Optional[float] = None  # Gemma 2: scores -> cap * tanh(scores / cap)
@@ -88,6 +85,27 @@ class ModelConfig:
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
+    # Traits fixed by the family (derived from `architecture`, not stored)
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3, Gemma 3: RMSNorm over head_dim on q and k before RoPE."""
+        return self.architecture in ("qwen3", "gemma3")
+
+    @property
+    def gemma_norm(self) -> bool:
+        """Gemma: RMSNorm weight applied as (1 + w), in float32, then cast."""
+        return self.architecture in GEMMA
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Gemma: also a norm after attention and after the MLP."""
+        return self.architecture in GEMMA
+
+    @property
+    def embed_scale(self) -> bool:
+        """Gemma: embeddings times sqrt(hidden_size)."""
+        return self.architecture in GEMMA
+
     def layer_windows(self) -> tuple:
         """Each layer's sliding window (None: the layer attends to everything)."""
         if self.local_layers is None:
@@ -111,6 +129,13 @@ class ModelConfig:
         return l * per_layer + emb + d
 
 
+def gemma_local_layers(architecture: str, num_layers: int, every: Optional[int] = None) -> tuple:
+    """Gemma's interleave when a file does not list its layer kinds: a global layer every `every`
+    layers, the others local (default: every 2nd in Gemma 2, every 6th in Gemma 3)."""
+    every = every or (2 if architecture == "gemma2" else 6)
+    return tuple((i + 1) % every != 0 for i in range(num_layers))
+
+
 def tiny_config(architecture: str = "llama", **kw) -> ModelConfig:
     """A random-weight test model of the given architecture (fast on CPU)."""
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -121,14 +146,13 @@ def tiny_config(architecture: str = "llama", **kw) -> ModelConfig:
     if architecture == "mistral":
         base.update(sliding_window=4)
     if architecture == "qwen3":
-        base.update(qk_norm=True, tie_embeddings=True)
-    if architecture in ("gemma2", "gemma3"):
-        base.update(num_layers=3, sliding_window=4, local_layers=(True, False, True), gemma_norm=True,
-                    sandwich_norms=True, embed_scale=True, activation="gelu_tanh", query_pre_attn_scalar=24.0,
-                    tie_embeddings=True)
+        base.update(tie_embeddings=True)
+    if architecture in GEMMA:
+        base.update(num_layers=3, sliding_window=4, local_layers=(True, False, True), activation="gelu_tanh",
+                    query_pre_attn_scalar=24.0, tie_embeddings=True)
     if architecture == "gemma2":
         base.update(attn_softcap=50.0, final_softcap=30.0)
     if architecture == "gemma3":
-        base.update(qk_norm=True, rope_local_theta=10000.0, rope_theta=1000000.0)
+        base.update(rope_local_theta=10000.0, rope_theta=1000000.0)
     base.update(kw)
     return ModelConfig(**base)

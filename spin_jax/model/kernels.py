@@ -21,14 +21,11 @@ tokens, which no loss or valid key reads.
 The kernel tiles in blocks of KERNEL_BLOCK queries and keys, so rows are padded: the keys on the
 left up to a multiple of the block before the queries' first slot, and queries and keys on the
 right by the same count. Mosaic calls cannot be partitioned automatically, so on a mesh the
-kernel runs under `jax.shard_map`: rows split over (data, fsdp) and heads over tensor where they
-divide, as the rule table shards activations (`attention.on_mesh` names the mesh while a
-program traces).
+kernel runs under `jax.shard_map`: rows and heads split by the rule table (`spin_jax.sharding`)
+where the mesh axes divide them (`attention.on_mesh` names the mesh while a program traces).
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +33,8 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
+
+from spin_jax import sharding
 
 KERNEL_BLOCK = 128  # the kernel's key blocks must be multiples of 128 (TPU lanes)
 
@@ -47,8 +46,8 @@ def causal_attention(q, k, v, q_valid, k_valid, *, offset: int, window, interpre
     offset + t (offset = S - T: the keys end with the queries' own). window: Mistral's sliding
     window or None. softcap: Gemma 2's score soft-capping (the kernel's attn_logits_soft_cap).
     mesh: the mesh the program's arrays live on (None: one device)."""
-    b, t, h, e = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    t, e = q.shape[1], q.shape[3]
+    s = k.shape[1]
     if s - t != offset:
         raise ValueError(f"keys ({s}) must end with the queries' own ({t}) at offset {offset}")
     # 1/sqrt(E) scales q as on the XLA path (in fp32, then back to the input dtype)
@@ -73,7 +72,7 @@ def causal_attention(q, k, v, q_valid, k_valid, *, offset: int, window, interpre
             interpret=interpret)
         return jax.vmap(kernel)(qh, kh_, vh, splash.SegmentIds(q_seg, k_seg))
 
-    out = _sharded(run, mesh, qh, kh_, vh, q_seg, k_seg, heads=(h, kh))
+    out = _sharded(run, mesh, qh, kh_, vh, q_seg, k_seg)
     return out[:, :, :t].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
@@ -83,16 +82,12 @@ def _block_sizes():
                              block_kv_dkv_compute=n, block_q_dq=n, block_kv_dq=n)
 
 
-def _sharded(run, mesh, qh, kh, vh, q_seg, k_seg, heads):
-    """`run` on each shard of `mesh` (directly without one)."""
+def _sharded(run, mesh, qh, kh, vh, q_seg, k_seg):
+    """`run` on each shard of `mesh` (directly without one), split by the rule table: rows as
+    "batch", heads as "kv_heads" (the query heads are a multiple of them, so they split alike)."""
     if mesh is None or mesh.size == 1:
         return run(qh, kh, vh, q_seg, k_seg)
-    rows = [a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1]
-    while rows and qh.shape[0] % math.prod(mesh.shape[a] for a in rows):
-        rows.pop()
-    tensor = mesh.shape.get("tensor", 1)
-    head = "tensor" if tensor > 1 and all(n % tensor == 0 for n in heads) else None
-    rows = tuple(rows) or None
-    four, two = P(rows, head, None, None), P(rows, None)
+    four = sharding.logical_to_spec(("batch", "kv_heads", None, None), kh.shape, mesh)
+    two = P(four[0], None)
     return jax.shard_map(run, mesh=mesh, in_specs=(four, four, four, two, two), out_specs=four,
                          check_vma=False)(qh, kh, vh, q_seg, k_seg)
