@@ -15,7 +15,12 @@ spell of a shared machine does not land on one side only, and prints each run, e
 fastest step, the ratios against the PyTorch step (best against best, per round, and the median of
 the per-round ratios), and peak memory.
 
+With --lora the variants are spin_jax's full step (the baseline), LoRA rank 16 on the fp32 base
+and QLoRA on an nf4 base, all with precomputed opponent log-probs; the ratios are against the
+full step.
+
     make bench-train
+    make bench-train ARGS="--lora"
     python bench/bench_train.py --pairs 4 --prompt-len 256 --response-len 256 --steps 2 --rounds 2
 """
 
@@ -32,6 +37,10 @@ import sys
 import time
 
 VARIANTS = ("torch", "jax-in_step", "jax-precomputed")
+# --lora: the full spin_jax step (precomputed opponent log-probs) is the baseline, against LoRA
+# rank 16 (alpha 32, every projection) on the fp32 base and QLoRA on an nf4 base
+LORA_VARIANTS = ("jax-precomputed", "jax-lora", "jax-qlora")
+LORA_RANK = 16
 
 
 def main() -> None:
@@ -52,7 +61,9 @@ def main() -> None:
                     help="spin_jax's remat policy (dots: fastest on CPU, as configs/cpu_default.yaml)")
     ap.add_argument("--attn-block", type=int, default=128,
                     help="spin_jax's causal attention query block (model.attn_block; 0: one block)")
-    ap.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--lora", action="store_true",
+                    help=f"full step vs LoRA rank {LORA_RANK} vs QLoRA (nf4), instead of PyTorch vs spin_jax")
+    ap.add_argument("--only", choices=VARIANTS + LORA_VARIANTS[1:], help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.only:
@@ -60,6 +71,7 @@ def main() -> None:
         out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print("RESULT " + json.dumps(out), flush=True)
         return
+    variants = LORA_VARIANTS if args.lora else VARIANTS
     tokens = 2 * args.pairs * (args.prompt_len + args.response_len)
     if args.pairs % args.micro_pairs:
         sys.exit(f"--pairs {args.pairs} does not split into micro-batches of --micro-pairs {args.micro_pairs}")
@@ -68,7 +80,7 @@ def main() -> None:
           f"{args.steps} timed steps after a warm-up")
     runs = []
     for rnd in range(args.rounds):  # A B C, then C B A, ...: a slow spell of the machine hits both sides
-        for v in (VARIANTS if rnd % 2 == 0 else VARIANTS[::-1]):
+        for v in (variants if rnd % 2 == 0 else variants[::-1]):
             cmd = [sys.executable, __file__, "--only", v, "--model", args.model, "--pairs", str(args.pairs),
                    "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
                    "--steps", str(args.steps), "--micro-pairs", str(args.micro_pairs),
@@ -84,13 +96,14 @@ def main() -> None:
             print(f"round {rnd + 1} {v:16s} {r['tok_s']:8.1f} tok/s  step {r['step_s']:6.2f}s  "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB"
                   + (f"  compile {r['compile_s']:.1f}s" if "compile_s" in r else ""), flush=True)
-    results, ratios = summarize_runs(runs, args.rounds)
-    for v in VARIANTS:
+    results, ratios = summarize_runs(runs, args.rounds, variants)
+    for v in variants:
         print(f"best {v:16s} {results[v]['tok_s']:8.1f} tok/s  step {results[v]['step_s']:6.2f}s  "
               f"peak RSS {results[v]['peak_rss_gib']:.2f} GiB", flush=True)
     for v, r in ratios.items():
-        print(f"ratio {v} / torch: {r['best']:.2f}x (best against best; per round: "
-              + ", ".join(f"{x:.2f}x" for x in r["per_round"]) + f"; median {r['median']:.2f}x)")
+        print(f"ratio {v} / {variants[0]}: {r['best']:.2f}x tok/s (best against best; per round: "
+              + ", ".join(f"{x:.2f}x" for x in r["per_round"]) + f"; median {r['median']:.2f}x); "
+              f"peak RSS {r['rss']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"best": results, "runs": runs, "ratios": ratios}, f, indent=2)
@@ -112,21 +125,23 @@ def batch_arrays(args, vocab: int, seed: int = 0):
                                                      opponent_logps=np.full(2 * args.pairs, -300.0, np.float32))
 
 
-def summarize_runs(runs: list[dict], rounds: int) -> tuple[dict, dict]:
-    """Each variant's fastest run (with its largest peak RSS over the rounds), and each spin_jax
-    variant's ratio to the PyTorch step: best against best, per round, and the median of the
-    per-round ratios (each compares runs minutes apart, so it is the figure least moved by one slow
-    spell of a shared machine)."""
+def summarize_runs(runs: list[dict], rounds: int, variants=VARIANTS) -> tuple[dict, dict]:
+    """Each variant's fastest run (with its largest peak RSS over the rounds), and each other
+    variant's ratio to the first (the baseline): tokens/s best against best, per round, and the
+    median of the per-round ratios (each compares runs minutes apart, so it is the figure least
+    moved by one slow spell of a shared machine), and the peak RSS ratio."""
     results = {}
-    for v in VARIANTS:
+    for v in variants:
         mine = [r for r in runs if r["variant"] == v]
         results[v] = dict(min(mine, key=lambda r: r["step_s"]), peak_rss_gib=max(r["peak_rss_gib"] for r in mine))
     tok_s = {(r["variant"], r["round"]): r["tok_s"] for r in runs}
     ratios = {}
-    for v in VARIANTS[1:]:
-        per_round = [tok_s[v, k] / tok_s["torch", k] for k in range(1, rounds + 1)]
-        ratios[v] = {"best": results[v]["tok_s"] / results["torch"]["tok_s"], "per_round": per_round,
-                     "median": statistics.median(per_round)}
+    base = variants[0]
+    for v in variants[1:]:
+        per_round = [tok_s[v, k] / tok_s[base, k] for k in range(1, rounds + 1)]
+        ratios[v] = {"best": results[v]["tok_s"] / results[base]["tok_s"], "per_round": per_round,
+                     "median": statistics.median(per_round),
+                     "rss": results[v]["peak_rss_gib"] / results[base]["peak_rss_gib"]}
     return results, ratios
 
 
@@ -138,24 +153,43 @@ def run_jax(args, mode: str) -> dict:
     from spin_jax.io.load import load_model
 
     m = load_model(args.model, remat=args.remat, attn_block=args.attn_block)
-    tcfg = TrainSection(opponent_logps=mode, vocab_chunk=args.vocab_chunk, learning_rate=5e-7)
+    lora_mode = mode in ("lora", "qlora")
+    tcfg = TrainSection(opponent_logps="precomputed" if lora_mode else mode, vocab_chunk=args.vocab_chunk,
+                        learning_rate=5e-7)
     mesh = sharding.make_mesh()
     tx, _ = train.make_optimizer(tcfg, 1000, 5e-7)
-    shapes = jax.eval_shape(lambda p: train.init_state(p, tx), m.params)
-    step = train.make_train_step(m.cfg, tcfg, tx, mesh, shapes)
-    sh = train.state_shardings(m.cfg, mesh, shapes, tx)
-    state = jax.jit(lambda p: train.init_state(p, tx), out_shardings=sh)(jax.device_put(m.params, sh.params))
-    opponent = jax.device_put(m.params, sh.params) if mode == "in_step" else None
-    b = batch_arrays(args, m.cfg.vocab_size)[-1]
+    extra, opponent = (), None
+    if lora_mode:  # the frozen base as the driver builds it (iterate.lora_base), adapters as the state
+        from spin_jax.config import Config, LoraSection, ModelSection
+        from spin_jax.iterate import lora_base
+        from spin_jax.model import lora, transformer
+
+        run_cfg = Config(model=ModelSection(lora=LoraSection(rank=LORA_RANK, alpha=2.0 * LORA_RANK),
+                                            base_dtype="nf4" if mode == "qlora" else None))
+        opp = lora_base(run_cfg, m)
+        cfg, trained = opp.cfg, lora.init_adapters(opp.cfg, lora.DEFAULT_TARGETS, LORA_RANK, jax.random.key(0))
+        base = transformer.shard_params(opp.params, cfg, mesh)
+        extra, opp, m.params = (base,), None, None  # no host copies left behind
+        base_shapes = jax.eval_shape(lambda b: b, base)
+    else:
+        cfg, trained, base_shapes = m.cfg, m.params, None
+    shapes = jax.eval_shape(lambda p: train.init_state(p, tx), trained)
+    step = train.make_train_step(cfg, tcfg, tx, mesh, shapes, base_shapes)
+    sh = train.state_shardings(cfg, mesh, shapes, tx)
+    state = jax.jit(lambda p: train.init_state(p, tx), out_shardings=sh)(jax.device_put(trained, sh.params))
+    if mode == "in_step":
+        opponent = jax.device_put(m.params, sh.params)
+    trained = m.params = None
+    b = batch_arrays(args, cfg.vocab_size)[-1]
     batch = train.device_batch(b, mesh, dataclasses.replace(tcfg, grad_accum=args.pairs // args.micro_pairs))
     t0 = time.perf_counter()
-    state, metrics = step(state, opponent, batch)
+    state, metrics = step(state, opponent, batch, *extra)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - t0
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = step(state, opponent, batch)
+        state, metrics = step(state, opponent, batch, *extra)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     return {"step_s": min(times), "compile_s": first - min(times), "loss": float(metrics["loss"])}

@@ -73,6 +73,8 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", path)
 
 
+MODEL_HELP = ("an embedded name (smollm2-135m-instruct, gemma3-270m), a .gguf file, an HF directory, or a Hub id "
+              "(org/name or org/name@revision)")
 TEMPLATE_HELP = ("the chat format, for a model that ships none (or to replace its own): gemma, chatml, llama3 "
                  "or a Jinja file")
 
@@ -82,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     s = sub.add_parser("score", help="summed log-probs of responses under a model (teacher-forced)")
-    s.add_argument("--model", default="smollm2-135m-instruct",
-                   help="smollm2-135m-instruct, a .gguf file, or an HF directory")
+    s.add_argument("--model", default="smollm2-135m-instruct", help=MODEL_HELP)
     s.add_argument("--input", required=True, help='JSONL rows {"prompt": str, "response": str}')
     s.add_argument("--output", required=True, help='JSONL: each row plus "logp" and "n_tokens"')
     s.add_argument("--batch-size", type=int, default=8)
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("sample", help="sample responses with the jitted sampler")
-    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--model", default="smollm2-135m-instruct", help=MODEL_HELP)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one prompt; prints the response")
     g.add_argument("--input", help='JSONL rows {"prompt": str}')
@@ -149,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="a new (or empty) directory")
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weight dtype (default: the stored one)")
+    s.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="then upload the directory, model card included, to the Hub repo org/name (HF_TOKEN: a "
+                        "write token); the repo is created if needed")
+    s.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    s.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA iteration's adapter in PEFT's format (adapter_config.json + adapter_model.safetensors) "
+                        "instead of the merged model")
     s.set_defaults(func=cmd_export)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -209,7 +217,7 @@ def cmd_plan(args) -> None:
     from spin_jax import plan
     from spin_jax.io.load import model_config_only
 
-    model_cfg = model_config_only(cfg.model.name, cfg.model.shapes_config)
+    model_cfg = model_config_only(cfg.model.name, cfg.model.shapes_config, cfg.model.revision)
     plans = plan.plan(cfg, model_cfg, args.topology, layers=args.layers, programs=programs)
     kind = plan.SLICES[plan.ALIASES.get(args.topology, args.topology)][0]
     print(plan.format_plan(plans, args.topology, kind))
@@ -222,8 +230,20 @@ def cmd_plan(args) -> None:
 
 def cmd_export(args) -> None:
     from spin_jax import evaluate
+    from spin_jax.io import hub
 
-    print(evaluate.export_iteration(_load_config(args), args.iter, args.out, args.dtype))
+    if args.private and not args.push_to_hub:
+        raise UsageError("--private needs --push-to-hub REPO")
+    if args.push_to_hub and not hub.REPO_ID.fullmatch(args.push_to_hub):
+        raise UsageError(f"--push-to-hub {args.push_to_hub!r}: expected a Hub repo id, org/name")
+    if args.adapter_only and args.dtype:
+        raise UsageError("--dtype applies to the merged model; the adapter is stored in float32 (leave out one)")
+    out = evaluate.export_iteration(_load_config(args), args.iter, args.out, args.dtype, args.adapter_only)
+    print(out)
+    if args.push_to_hub:
+        url = hub.push_folder(out, args.push_to_hub, private=args.private,
+                              message=f"SPIN iteration {args.iter} (spin_jax)")
+        print(f"uploaded {out} to {url}")
 
 
 def cmd_sample(args) -> None:

@@ -20,9 +20,23 @@ ATTENTION = ("auto", "xla", "splash", "splash-interpret")
 CHAT_TEMPLATES = ("gemma", "chatml", "llama3")
 
 
+# model.lora.targets' names (spin_jax.model.lora.TARGETS maps them to the layers' weights)
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 0  # 0: full fine-tuning; > 0: train LoRA adapters of this rank on a frozen base
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input, in training
+    targets: tuple = LORA_TARGETS  # which projections of each layer get an adapter
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    name: str = "smollm2-135m-instruct"  # embedded name, .gguf path, or HF directory
+    name: str = "smollm2-135m-instruct"  # embedded name, .gguf path, HF directory, or Hub id (org/name)
+    revision: Optional[str] = None  # a Hub id's branch, tag or commit (default: main)
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU/GPU)
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # none | full | dots
@@ -32,6 +46,10 @@ class ModelSection:
     attention: str = "auto"
     # the chat format, for models that ship none (or to replace theirs): gemma | chatml | llama3 | a Jinja file
     chat_template: Optional[str] = None
+    lora: LoraSection = LoraSection()
+    # LoRA's frozen base weights: float32 | bfloat16 | int8 | nf4 (QLoRA: dequantized in the matmuls);
+    # unset: param_dtype
+    base_dtype: Optional[str] = None
     # An HF config.json with the model's shapes, for `spin-jax plan` when model.name is not on this machine
     shapes_config: Optional[str] = None
 
@@ -40,7 +58,9 @@ class ModelSection:
 class DataSection:
     name: str = "sharegpt"  # sharegpt | ultrachat_200k
     data_dir: str = "data/tfds"  # where TFDS builders prepare their array_record files
-    manual_dir: Optional[str] = None  # ultrachat_200k: local copy of the HF parquet files
+    # ultrachat_200k: a local copy of the HF parquet files, or a Hub data set id (org/name[@revision])
+    # to download them from; unset: HuggingFaceH4/ultrachat_200k from the Hub
+    manual_dir: Optional[str] = None
     train_split: str = "train"
     eval_split: str = "test"
     num_prompts: int = 256  # prompts per iteration (first N of train_split after the eval hold-out)
@@ -209,6 +229,16 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     need(m.attention in ATTENTION, "model.attention", m.attention, f"one of {', '.join(ATTENTION)}")
     need(m.chat_template is None or m.chat_template in CHAT_TEMPLATES or os.path.isfile(m.chat_template),
          "model.chat_template", m.chat_template, f"one of {', '.join(CHAT_TEMPLATES)} or an existing Jinja file")
+    lo = m.lora
+    need(lo.rank >= 0, "model.lora.rank", lo.rank, ">= 0 (0: full fine-tuning)")
+    need(lo.alpha > 0, "model.lora.alpha", lo.alpha, "> 0")
+    need(0.0 <= lo.dropout < 1.0, "model.lora.dropout", lo.dropout, "in [0, 1)")
+    need(bool(lo.targets) and len(set(lo.targets)) == len(lo.targets) and set(lo.targets) <= set(LORA_TARGETS),
+         "model.lora.targets", list(lo.targets), f"a list of distinct names among {', '.join(LORA_TARGETS)}")
+    need(m.base_dtype is None or m.base_dtype in BASE_DTYPES, "model.base_dtype", m.base_dtype,
+         f"one of {', '.join(BASE_DTYPES)}")
+    need(m.base_dtype is None or lo.rank > 0, "model.base_dtype", m.base_dtype,
+         "only with LoRA (model.lora.rank > 0): full fine-tuning trains every weight in model.param_dtype")
     need(d.name in ("sharegpt", "ultrachat_200k"), "data.name", d.name, "sharegpt or ultrachat_200k")
     need(d.num_prompts >= 1, "data.num_prompts", d.num_prompts, ">= 1")
     need(d.num_eval_prompts >= 1, "data.num_eval_prompts", d.num_eval_prompts, ">= 1")

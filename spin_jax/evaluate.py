@@ -25,7 +25,6 @@ import datetime
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Optional
 
@@ -111,33 +110,43 @@ def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
     return record
 
 
-def export_iteration(cfg: Config, t: int, out_dir: str, dtype: Optional[str] = None) -> str:
+def export_iteration(cfg: Config, t: int, out_dir: str, dtype: Optional[str] = None,
+                     adapter_only: bool = False) -> str:
     """Iteration t's model (runs/<run>/iter<t>/model) re-exported as an HF directory with a model
     card, written to a fresh temporary directory next to out_dir and renamed into place. dtype
-    defaults to the stored one."""
+    defaults to the stored one. `adapter_only`: the iteration's LoRA adapter in PEFT's format
+    (iter<t>/adapter) instead, with a card saying how to load it on its base."""
     from spin_jax.io import hf
 
     src = rundir.model_specs(cfg.model.name, cfg.run_dir, t)[-1][1]
     rundir.check_new_dir(out_dir, "--out", protect=(src, cfg.run_dir))
+    if adapter_only:
+        return _export_adapter(cfg, t, out_dir)
     stored = rundir.read_json(os.path.join(src, "config.json"))
     dtype = dtype or stored.get("dtype") or stored.get("torch_dtype") or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
     model = load_model(src)
     card = rundir.model_card(cfg.run_dir, t, dtype)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp", dir=parent)
-    try:  # a fresh directory of our own, renamed into place whole
+    with rundir.written_dir(out_dir) as tmp:  # out_dir is new or empty (checked above)
         hf.export_hf_dir(model.params, model.cfg, tmp, model.tokenizer, dtype=dtype,
                          extra_files={"README.md": card})
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours: created above
-        raise
     log.info(f"exported iteration {t} ({src}) to {out_dir} as {dtype}")
+    return out_dir
+
+
+def _export_adapter(cfg: Config, t: int, out_dir: str) -> str:
+    adapter = rundir.adapter_dir(cfg.run_dir, t)
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise UsageError(f"--adapter-only: iteration {t} has no adapter ({adapter}); it was trained without LoRA "
+                         "(model.lora.rank = 0). Export the whole model instead (leave out --adapter-only)")
+    conf = rundir.read_json(os.path.join(adapter, "adapter_config.json"))
+    with rundir.written_dir(out_dir) as tmp:  # out_dir is new or empty (checked by the caller)
+        for name in os.listdir(adapter):
+            shutil.copy2(os.path.join(adapter, name), tmp)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(rundir.adapter_card(cfg.run_dir, t, conf))
+    log.info(f"exported iteration {t}'s adapter ({adapter}) to {out_dir}")
     return out_dir
 
 

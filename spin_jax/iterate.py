@@ -5,12 +5,11 @@ The run directory's layout and files are `spin_jax.rundir`'s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 
 import jax
@@ -31,6 +30,33 @@ log = logging.getLogger(__name__)
 def opponent_spec(cfg: Config, t: int) -> str:
     """θt: the base model for t = 0, else iteration t-1's exported model."""
     return rundir.opponent_spec(cfg.model.name, cfg.run_dir, t)
+
+
+def load_opponent(cfg: Config, t: int):
+    """(θt as loaded, the opponent as it runs). They are the same model, except with LoRA: the
+    opponent is then the frozen base the adapters train on, in model.base_dtype (quantized for
+    int8/nf4), so that its samples and log-probs are exactly the main player's at step 0."""
+    model = load_model_for(cfg.model, opponent_spec(cfg, t))
+    return model, lora_base(cfg, model)
+
+
+def lora_base(cfg: Config, model):
+    """`model` as LoRA's frozen base: weights in model.base_dtype (int8/nf4: the seven projections
+    quantized, the rest in param_dtype), its config carrying the adapters' scale and dropout.
+    Without LoRA, `model` itself."""
+    from spin_jax.model import lora, quant
+
+    lo, kind = cfg.model.lora, cfg.model.base_dtype or model.cfg.param_dtype
+    if not lo.rank:
+        return model
+    floats = kind if kind in ("float32", "bfloat16") else model.cfg.param_dtype
+    mcfg = model.cfg.replace(param_dtype=floats, lora_scale=lo.alpha / lo.rank, lora_dropout=lo.dropout)
+    params = jax.tree.map(lambda x: np.asarray(x, jax.numpy.dtype(floats)), model.params)
+    if kind in quant.KINDS:
+        log.info(f"QLoRA: quantizing the base's projections to {kind} (blocks of 64)")
+        weights = [name for name, _ in lora.TARGETS.values()]
+        params = {**params, "layers": quant.quantize_tree(params["layers"], weights, kind)}
+    return dataclasses.replace(model, cfg=mcfg, params=params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +87,7 @@ def _generate(cfg: Config, t: int, model, progress: bool) -> str:
 
     directory = rundir.store_dir(cfg.run_dir, t)
     store = store_lib.SyntheticStore(directory)
-    model = model or load_model_for(cfg.model, opponent_spec(cfg, t))
+    model = model or load_opponent(cfg, t)[1]
     tok = model.tokenizer
     rows = prompt_rows(cfg.data, cfg.data.train_split, cfg.data.num_prompts, tok)
     by_id = {r["id"]: r for r in rows}
@@ -148,7 +174,7 @@ def _train_iteration(cfg: Config, t: int, progress: bool, stop_after) -> dict:
     out_dir = cfg.iter_dir(t)
     t_start = time.time()
     mesh = sharding.mesh_from_config(cfg.mesh)  # a mesh the devices cannot form fails before any work
-    model = load_model_for(cfg.model, opponent_spec(cfg, t))
+    theta, model = load_opponent(cfg, t)  # model: the opponent as it runs (θt, or LoRA's base)
     store = store_lib.SyntheticStore(rundir.store_dir(cfg.run_dir, t))
     incomplete = store.missing_count() or not store.shard_names() or \
         any(r.get("opponent_logp_real") is None for r in store.rows())
@@ -178,23 +204,30 @@ def _train_iteration(cfg: Config, t: int, progress: bool, stop_after) -> dict:
                                          pad_id=model.tokenizer.pad_token_id or 0):
             yield batch
 
-    params = jax.tree.map(lambda x: np.asarray(x, model.cfg.param_dtype), model.params)
     trainer = train.Trainer(model.cfg, tc, mesh, steps, lr, out_dir, progress=progress)
-    final, summary = trainer.run(params, model.params, batches_from, stop_after=stop_after)
+    lo = cfg.model.lora
+    if lo.rank:  # adapters on the frozen base; the in-step opponent is that base
+        from spin_jax.model import lora
+
+        adapters = lora.init_adapters(model.cfg, lo.targets, lo.rank, jax.random.key(d.seed + t))
+        final, summary = trainer.run(adapters, None, batches_from, stop_after=stop_after, base=model.params)
+    else:
+        params = jax.tree.map(lambda x: np.asarray(x, model.cfg.param_dtype), model.params)
+        final, summary = trainer.run(params, model.params, batches_from, stop_after=stop_after)
     if stop_after is not None and summary["steps"] < steps:
         return summary
     if jax.process_index() == 0:
         summary = rundir.summarize(summary, time.time() - t_start, t, cfg.run_dir)
         rundir.write_json(os.path.join(out_dir, rundir.SUMMARY), summary)
-        card = rundir.model_card(cfg.run_dir, t, model.cfg.param_dtype, summary)
-        tmp = tempfile.mkdtemp(prefix=".model.tmp", dir=out_dir)  # ours alone; renamed into place whole
-        try:
-            hf.export_hf_dir(final, model.cfg, tmp, model.tokenizer, dtype=model.cfg.param_dtype,
-                             extra_files={"README.md": card})
-            os.replace(tmp, rundir.model_dir(cfg.run_dir, t))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        dtype = theta.cfg.param_dtype
+        card = rundir.model_card(cfg.run_dir, t, dtype, summary)
+        if lo.rank:  # θ(t+1) = θt + scale * B A, merged in float32 onto θt at full precision
+            with rundir.written_dir(rundir.adapter_dir(cfg.run_dir, t)) as tmp:
+                lora.export_peft(final, theta.cfg, tmp, lo.targets, lo.rank, lo.alpha, lo.dropout,
+                                 opponent_spec(cfg, t))
+            final = lora.merge(theta.params, final, model.cfg.lora_scale, dtype=jax.numpy.dtype(dtype))
+        with rundir.written_dir(rundir.model_dir(cfg.run_dir, t)) as tmp:
+            hf.export_hf_dir(final, theta.cfg, tmp, model.tokenizer, dtype=dtype, extra_files={"README.md": card})
         log.info("\n" + rundir.format_summary(summary))
     sharding.barrier("train")
     return summary

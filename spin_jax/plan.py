@@ -37,7 +37,7 @@ from spin_jax.config import Config
 from spin_jax.data import tokenize
 from spin_jax.errors import SpinError, UsageError
 from spin_jax.model import cache as cache_lib
-from spin_jax.model import transformer
+from spin_jax.model import lora, transformer
 from spin_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
     m = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                           attn_block=cfg.model.attn_block,
                           attention="splash" if cfg.model.attention == "auto" else cfg.model.attention)
+    lo = cfg.model.lora
+    if lo.rank:  # the frozen base in model.base_dtype (int8 / nf4: quantized projections), adapters in float32
+        base = cfg.model.base_dtype or m.param_dtype
+        m = m.replace(param_dtype=base if base in ("float32", "bfloat16") else m.param_dtype,
+                      lora_scale=lo.alpha / lo.rank, lora_dropout=lo.dropout)
     if layers:
         m = m.replace(num_layers=layers)
     hosts = sorted({d.process_index for d in devices})
@@ -247,6 +252,13 @@ def _lengths(cfg: Config) -> tuple[int, int]:
     return tokenize.bucket(d.max_prompt_length), tokenize.bucket(d.max_length - d.max_prompt_length)
 
 
+def _model_params(cfg: Config, mc: ModelConfig, mesh):
+    """The abstract params of the model as the opponent runs it (with LoRA: the frozen base in
+    model.base_dtype, quantized for int8 / nf4), sharded by the rule table."""
+    shapes = lora.base_shapes(mc, cfg.model.base_dtype or "") if cfg.model.lora.rank else transformer.param_shapes(mc)
+    return sharding.abstract(shapes, transformer.param_shardings(mc, mesh, shapes))
+
+
 def _spin_batch(shardings, lead: tuple, prompts: int, p: int, r: int, with_logps: bool):
     def spec(shape, dtype, sh):
         return jax.ShapeDtypeStruct(lead + shape, dtype, sharding=sh)
@@ -268,18 +280,26 @@ def train_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     p, r = _lengths(cfg)
     a, b = tc.grad_accum, tc.global_batch_size // tc.grad_accum
 
+    lo = cfg.model.lora
+
     def lower_at(layers: int, unroll: bool = False):
         mc = _at_depth(m, layers, unroll)
         tx, _ = train.make_optimizer(tc, 1000, tc.learning_rate)
-        shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), transformer.param_shapes(mc))
+        trained = lora.adapter_shapes(mc, lo.targets, lo.rank) if lo.rank else transformer.param_shapes(mc)
+        shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), trained)
         state = sharding.abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
-        opponent = state.params if in_step else None
         batch = _spin_batch(train.batch_shardings(mesh, not in_step), (a,), b, p, r, not in_step)
-        return train.make_train_step(mc, tc, tx, mesh, shapes).lower(state, opponent, batch)
+        if not lo.rank:
+            opponent = state.params if in_step else None
+            return train.make_train_step(mc, tc, tx, mesh, shapes).lower(state, opponent, batch)
+        base = _model_params(cfg, mc, mesh)
+        step = train.make_train_step(mc, tc, tx, mesh, shapes, base)
+        return step.lower(state, None, batch, base)
 
     layer_params, head = matmul_params(m)
     tokens, scored = tc.global_batch_size * (p + 2 * r), tc.global_batch_size * 2 * r  # each prompt once
-    passes = 6 + (2 if in_step else 0)  # forward and backward, and the opponent's forward in the step
+    # forward and backward (LoRA: no weight gradients of the base), and the opponent's forward in the step
+    passes = (4 if lo.rank else 6) + (2 if in_step else 0)
     return Program(lambda: lower_at(m.num_layers), [(lower_at, a)], passes * (layer_params * tokens + head * scored))
 
 
@@ -291,7 +311,7 @@ def score_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     def lower_at(layers: int, unroll: bool = False):
         mc = _at_depth(m, layers, unroll)
         fn = scoring.logps_fn(mc, mesh, cfg.train.vocab_chunk, rows, group=2)
-        params = sharding.abstract(transformer.param_shapes(mc), transformer.param_shardings(mc, mesh))
+        params = _model_params(cfg, mc, mesh)
         return fn.lower(params, _spin_batch(scoring.grouped_shardings(mesh, rows, 2), (), rows // 2, p, r, False))
 
     layer_params, head = matmul_params(m)
@@ -314,7 +334,8 @@ def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     def inputs(layers: int, unroll: bool = False):
         mc = _at_depth(m, layers, unroll)
         sampler = Sampler(mc, mesh, batch_size=s.batch_size, decode_phases=s.decode_phases)
-        params = sharding.abstract(transformer.param_shapes(mc), sampler.param_sharding)
+        params = _model_params(cfg, mc, mesh)
+        sampler.param_sharding = jax.tree.map(lambda x: x.sharding, params)  # the layout as it runs
         cache_sh = sampler.cache_shardings(length)
         cache = sharding.abstract(jax.eval_shape(lambda: cache_lib.init_cache(mc, s.batch_size, length)), cache_sh)
         return mc, sampler, params, cache, cache_sh
@@ -335,7 +356,7 @@ def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
             logits, c = transformer.forward(prm, mc, tok, pos, v, cache=c)
             return logits[:, -1], c
 
-        return jax.jit(run, in_shardings=(sampler.param_sharding, cache_sh, row, row, row),
+        return jax.jit(run, in_shardings=(jax.tree.map(lambda x: x.sharding, params), cache_sh, row, row, row),
                        donate_argnums=(1,)).lower(params, cache, shape, shape, ok)
 
     parts = [(lambda n, unroll: step(n, p, unroll), 1), (lambda n, unroll: step(n, 1, unroll), s.max_new_tokens - 1)]

@@ -48,6 +48,11 @@ def store_dir(run_dir: str, t: int) -> str:
     return os.path.join(iter_dir(run_dir, t), "synthetic")
 
 
+def adapter_dir(run_dir: str, t: int) -> str:
+    """With LoRA: iteration t's adapter in PEFT's format, on θt (written before model/)."""
+    return os.path.join(iter_dir(run_dir, t), "adapter")
+
+
 def model_dir(run_dir: str, t: int) -> str:
     """θ(t+1), the model iteration t trained."""
     return os.path.join(iter_dir(run_dir, t), "model")
@@ -98,6 +103,24 @@ def model_specs(base_model: str, run_dir: str, t: int) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------------------------
 # Writing files atomically
+
+
+@contextlib.contextmanager
+def written_dir(target: str):
+    """A fresh temporary directory next to `target` for the block to fill, renamed into place whole
+    when the block ends (an existing `target`, empty or ours to replace, goes first); removed if
+    the block fails. Readers see the old directory or the whole new one."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(target))}.tmp", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: created above
+        raise
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
@@ -376,6 +399,35 @@ def store_info(run_dir: str, t: int) -> Optional[dict]:
 # The model card
 
 
+def adapter_card(run_dir: str, t: int, conf: dict) -> str:
+    """The card of iteration t's LoRA adapter: what it is, its base, how PEFT loads it."""
+    from spin_jax.io.hub import REPO_ID
+
+    base = conf["base_model_name_or_path"]
+    front = ["---"] + ([f"base_model: {base}"] if REPO_ID.fullmatch(base) else []) + [
+        "library_name: peft", "tags:", "- spin", "- self-play", "- spin_jax", "- lora", "---", ""]
+    return "\n".join(front + [
+        f"# SPIN iteration {t} (spin_jax): LoRA adapter", "",
+        f"Self-Play Fine-Tuning (Chen et al., arXiv 2401.01335), iteration {t}: a rank-{conf['r']} LoRA adapter "
+        f"(alpha {conf['lora_alpha']}, on {', '.join(conf['target_modules'])}) trained on θ{t} against θ{t} as the "
+        f"opponent. θ{t}, its base, is `{base}`; the base plus this adapter is θ{t + 1}.", "",
+        "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+        "model = PeftModel.from_pretrained(base, DIR)  # DIR: this directory or its Hub repo",
+        "merged = model.merge_and_unload()  # θ{t + 1} as a plain transformers model".replace("{t + 1}", str(t + 1)),
+        "```", ""]) + _settings_lines(run_dir, t)
+
+
+def _settings_lines(run_dir: str, t: int) -> str:
+    rec = read_json(os.path.join(iter_dir(run_dir, t), CONFIG)) or {}
+    tr = rec.get("train", {})
+    if not tr:
+        return ""
+    lr = lr_for_iter(tr["learning_rate"], tr.get("learning_rates") or (), t)
+    return (f"Training: loss {tr['loss_type']}, beta {tr['beta']}, optimizer {tr['optimizer']}, lr {lr:g}, "
+            f"epochs {tr['epochs']}, global batch {tr['global_batch_size']}.\n")
+
+
 def model_card(run_dir: str, t: int, dtype: str, summary: Optional[dict] = None) -> str:
     """The model card of iteration t's model: base model, data, settings (iter<t>/config.json),
     training summary (given, else summary.json) and held-out results, and how to benchmark it."""
@@ -385,7 +437,11 @@ def model_card(run_dir: str, t: int, dtype: str, summary: Optional[dict] = None)
     m, d, s, tr = rec["model"], rec["data"], rec["sampling"], rec["train"]
     lr = lr_for_iter(tr["learning_rate"], tr.get("learning_rates") or (), t)
     digests = [f"iter{k} `{info['digest'][:16]}`" for k in range(t + 1) if (info := store_info(run_dir, k))]
-    lines = [f"# SPIN iteration {t} (spin_jax): θ{t + 1}", "",
+    from spin_jax.io.hub import REPO_ID  # the front matter the Hub reads: base model and tags
+
+    front = ["---"] + ([f"base_model: {m['name']}"] if REPO_ID.fullmatch(m["name"]) else []) + [
+        "library_name: transformers", "tags:", "- spin", "- self-play", "- spin_jax", "---", ""]
+    lines = front + [f"# SPIN iteration {t} (spin_jax): θ{t + 1}", "",
              f"Self-Play Fine-Tuning (Chen et al., arXiv 2401.01335), iteration {t} of run "
              f"`{rec.get('run_name')}`: trained from θ{t} against θ{t} as the opponent.", "",
              f"- base model (θ0): `{m['name']}`",

@@ -216,8 +216,14 @@ class Sampler:
         self.compiled_programs: set[tuple] = set()
 
     def place(self, params):
-        """Params (numpy or jax) on this sampler's mesh."""
-        return transformer.shard_params(params, self.cfg, self.mesh)
+        """Params (numpy or jax) on this sampler's mesh. A tree of another layout than the plain
+        one (a quantized base) becomes the layout the sampling programs take."""
+        placed = transformer.shard_params(params, self.cfg, self.mesh)
+        layout = jax.tree.map(lambda x: x.sharding, placed)
+        if jax.tree.structure(layout) != jax.tree.structure(self.param_sharding):
+            self.param_sharding = layout
+            self.program.cache_clear()
+        return placed
 
     def generate(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams, seed: int = 0,
                  progress=None) -> list[Sample]:

@@ -39,7 +39,7 @@ from spin_jax import rundir, scoring, sharding
 from spin_jax.config import TrainSection
 from spin_jax.data.tokenize import SpinBatch
 from spin_jax.errors import Preempted, TooManySkipped
-from spin_jax.model import attention, transformer
+from spin_jax.model import attention, lora, transformer
 from spin_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -88,24 +88,35 @@ def pair_losses(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, m
     return loss_lib.spin_loss(logps[0::2], logps[1::2], opp[0::2], opp[1::2], tcfg.beta, tcfg.loss_type)
 
 
-def train_step(state: TrainState, opponent_params, batch: SpinBatch, *, cfg: ModelConfig, tcfg: TrainSection,
-               tx):
-    """One optimizer update from A accumulated micro-batches. Pure: returns (new state, metrics)."""
+def train_step(state: TrainState, opponent_params, batch: SpinBatch, base=None, *, cfg: ModelConfig,
+               tcfg: TrainSection, tx):
+    """One optimizer update from A accumulated micro-batches. Pure: returns (new state, metrics).
+    With LoRA, `base` is the frozen base (an input, never updated) and state.params the adapters:
+    the policy is base + adapters, and the in-step opponent is the base alone (opponent_params is
+    then None: the base is not passed twice)."""
     n_micro = batch.tokens.shape[0]
+    if base is not None:
+        opponent_params = base
+    dropout = base is not None and cfg.lora_dropout > 0
 
-    def micro_loss(params, micro):
+    def micro_loss(params, micro, key):
+        if base is not None:
+            params = lora.attach(base, params, key if dropout else None)
         losses, metrics = pair_losses(params, opponent_params, cfg, tcfg, micro)
         return losses.mean() / n_micro, jax.tree.map(jnp.mean, metrics)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    step_key = jax.random.fold_in(jax.random.key(LORA_DROPOUT_SEED), state.step)
 
-    def accumulate(carry, micro):
+    def accumulate(carry, xs):
         grads, loss = carry
-        (l, metrics), g = grad_fn(state.params, micro)
+        micro, i = xs
+        (l, metrics), g = grad_fn(state.params, micro, jax.random.fold_in(step_key, i))
         return (jax.tree.map(jnp.add, grads, g), loss + l), metrics
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (grads, loss), metrics = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), batch)
+    (grads, loss), metrics = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                         (batch, jnp.arange(n_micro, dtype=jnp.int32)))
     metrics = jax.tree.map(jnp.mean, metrics)
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
@@ -121,17 +132,25 @@ def train_step(state: TrainState, opponent_params, batch: SpinBatch, *, cfg: Mod
     return new_state, metrics
 
 
-def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes: TrainState):
+def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes: TrainState, base_shapes=None):
     """jit(train_step) with explicit shardings (params by the rule table, batch over data/fsdp)
-    and the state donated: step(state, opponent_params, batch) -> (state, metrics). In precomputed
-    mode opponent_params is None and the batch carries opponent_logps."""
+    and the state donated: step(state, opponent_params, batch[, base]) -> (state, metrics). In
+    precomputed mode opponent_params is None and the batch carries opponent_logps. With LoRA
+    (`base_shapes`: the frozen base's shapes), the state holds the adapters and the base is an
+    argument; the in-step opponent is that base, and opponent_params is None."""
     state_sh = state_shardings(cfg, mesh, state_shapes, tx)
     in_step = tcfg.opponent_logps == "in_step"
-    opponent_sh = state_sh.params if in_step else None
+    model_sh = state_sh.params if base_shapes is None else transformer.param_shardings(cfg, mesh, base_shapes)
+    opponent_sh = model_sh if in_step and base_shapes is None else None
     fn = attention.traced_on(mesh, functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx))
-    return jax.jit(fn, in_shardings=(state_sh, opponent_sh, batch_shardings(mesh, with_logps=not in_step)),
+    shardings = (state_sh, opponent_sh, batch_shardings(mesh, with_logps=not in_step))
+    return jax.jit(fn, in_shardings=shardings + (() if base_shapes is None else (model_sh,)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
                    compiler_options=compiler_options(mesh))
+
+
+# the seed of LoRA dropout's masks (folded with the update's step and the micro-batch)
+LORA_DROPOUT_SEED = 20240102
 
 
 # XLA:CPU hands dots and reductions to YNNPACK by default; this keeps YNNPACK for dots only (the
@@ -149,10 +168,17 @@ def state_shardings(cfg: ModelConfig, mesh, state_shapes: TrainState, tx) -> Tra
     """Params by the rule table; optimizer moments like the params they track (optax maps the
     param shardings onto every param-shaped tree of the optimizer state); the rest replicated."""
     rep = sharding.replicated(mesh)
-    param_sh = transformer.param_shardings(cfg, mesh, state_shapes.params)
+    param_sh = trainable_shardings(cfg, mesh, state_shapes.params)
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, state_shapes.opt_state, param_sh,
                                    transform_non_params=lambda _: rep)
     return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep)
+
+
+def trainable_shardings(cfg: ModelConfig, mesh, shapes):
+    """The trained tree's shardings: a whole params tree, or LoRA adapters (no `embed`)."""
+    if "embed" in shapes:
+        return transformer.param_shardings(cfg, mesh, shapes)
+    return sharding.tree_shardings(lora.adapter_axes(cfg, shapes), shapes, mesh)
 
 
 def batch_shardings(mesh, with_logps: bool) -> SpinBatch:
@@ -208,14 +234,21 @@ class Trainer:
         self.checkpoints = Checkpoints(os.path.join(out_dir, "checkpoints"), tcfg.keep_checkpoints)
 
     def run(self, params, opponent_params, batches_from: Callable[[int], Iterator[SpinBatch]],
-            stop_after: Optional[int] = None):
+            stop_after: Optional[int] = None, base=None):
         """Train for self.steps updates (or until `stop_after`); returns (final params as numpy,
-        summary {"steps", "skipped_updates", "train_seconds"})."""
+        summary {"steps", "skipped_updates", "train_seconds"}). With LoRA, `params` are the
+        adapters, `base` the frozen base, and an in-step opponent is that base."""
         shapes = jax.eval_shape(lambda p: init_state(p, self.tx), params)
         state_sh = state_shardings(self.cfg, self.mesh, shapes, self.tx)
         in_step = self.tcfg.opponent_logps == "in_step"
+        extra = ()
+        if base is not None:
+            base = transformer.shard_params(base, self.cfg, self.mesh)
+            extra = (base,)
         # precomputed mode: the log-probs come with the batch, so no second model is in memory
-        opponent = jax.device_put(opponent_params, state_sh.params) if in_step else None
+        opponent = None
+        if in_step and base is None:
+            opponent = jax.device_put(opponent_params, state_sh.params)
         state, start = self.checkpoints.restore_latest(sharding.abstract(shapes, state_sh))
         if state is None:
             init = jax.jit(lambda p: init_state(p, self.tx), out_shardings=state_sh)
@@ -224,14 +257,15 @@ class Trainer:
             log.info(f"resumed from checkpoint step {start} in {self.checkpoints.directory}")
         truncate_metrics(self.out_dir, start)  # updates after the checkpoint are redone
         max_skipped = int(self.tcfg.max_skipped_fraction * self.steps)
-        step_fn = make_train_step(self.cfg, self.tcfg, self.tx, self.mesh, shapes)
+        step_fn = make_train_step(self.cfg, self.tcfg, self.tx, self.mesh, shapes,
+                                  None if base is None else jax.eval_shape(lambda b: b, base))
         with self.checkpoints, _SigtermFlag() as sigterm, MetricsWriter(self.out_dir) as writer, \
                 self._bar(start) as bar:
             t0 = time.perf_counter()
             batches = batches_from(start)
             for step in range(start, self.steps):
                 batch = device_batch(next(batches), self.mesh, self.tcfg)
-                state, metrics = step_fn(state, opponent, batch)
+                state, metrics = step_fn(state, opponent, batch, *extra)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 metrics.update(step=step + 1, learning_rate=float(self.schedule(step)))
                 if (step + 1) % self.tcfg.log_every == 0:

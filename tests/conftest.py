@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+pytest_plugins = ["tests.fake_hub"]  # the `fake_hub` fixture: a Hub stand-in on 127.0.0.1
+
 
 @pytest.fixture(scope="session")
 def smollm2():

@@ -11,12 +11,15 @@ Nothing here may touch TensorFlow: no `as_dataset`, no tfrecord.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
 from spin_jax.data import sources
+
+log = logging.getLogger(__name__)
 
 FILE_FORMAT = "array_record"
 JSON_FIELDS = ("messages",)  # stored as JSON text, decoded by load_split
@@ -27,7 +30,8 @@ def load_split(name: str, data_dir: str, split: str, manual_dir: str | None = No
     """Prepare `name` into `data_dir` if needed and return `split` as a sequence of dicts.
 
     name: "sharegpt" (split "train"; manual_dir optionally a directory/file with the ShareGPT JSON),
-          "ultrachat_200k" (splits "train_sft", "test_sft"; manual_dir = the hub download).
+          "ultrachat_200k" (splits "train_sft", "test_sft"; manual_dir = a local copy of the Hub
+          data set, or a Hub data set id to download it from; unset: HuggingFaceH4/ultrachat_200k).
     split may be a TFDS slice such as "train[:98%]". Use one data_dir per source file; the
     prepared copy is reused as is. Several hosts sharing a data_dir: prepare on one first.
     """
@@ -54,12 +58,22 @@ def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str | None = N
     if builder.is_prepared():
         return
     if isinstance(builder, Ultrachat200k):
-        if manual_dir is None:
-            raise ValueError(f"ultrachat_200k is not prepared in {builder.data_dir}; pass manual_dir "
-                             f"= the local copy of {sources.ULTRACHAT_REPO}")
+        manual_dir = _ultrachat_dir(manual_dir)
         sources.ultrachat_files(manual_dir, "train_sft")  # a clear error before TFDS's own
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     builder.download_and_prepare(download_config=config, file_format=FILE_FORMAT)
+
+
+def _ultrachat_dir(manual_dir: str | None) -> str:
+    """manual_dir if it is a local directory, else the Hub snapshot of the data set it names
+    (HuggingFaceH4/ultrachat_200k when unset): only the parquet files of the splits used."""
+    from spin_jax.io import hub
+
+    if manual_dir is not None and not hub.is_hub_id(manual_dir):
+        return manual_dir
+    spec = manual_dir or sources.ULTRACHAT_REPO
+    log.info(f"ultrachat_200k: downloading {spec}'s {' and '.join(Ultrachat200k.SPLITS)} parquet files from the Hub")
+    return hub.download_dataset(spec, [f"data/{split}-*.parquet" for split in Ultrachat200k.SPLITS])
 
 
 class Rows(Sequence):

@@ -10,7 +10,9 @@ A spec is one of:
     template of its own, so the `gemma` one is its default;
   - a path to a `.gguf` file;
   - an HF directory (`config.json` + safetensors), e.g. a downloaded zephyr-7b-sft-full, or a
-    directory this project exported (`spin-jax export`, an iteration's `model/`).
+    directory this project exported (`spin-jax export`, an iteration's `model/`);
+  - a Hub id, `org/name` or `org/name@revision` (or `revision` given apart, from model.revision):
+    its config, tokenizer and safetensors fetched into the HF cache (`spin_jax.io.hub`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class LoadedModel:
     source: str  # the resolved file or directory
 
 
-def resolve_model_path(spec: str) -> str:
+def resolve_model_path(spec: str, revision: str | None = None) -> str:
+    """The local file or directory of `spec` (downloaded first for a Hub id)."""
+    from spin_jax.io import hub
+
     if spec in CHUNKS:
         return _joined(spec)
     if spec in EMBEDDED:
@@ -46,8 +51,11 @@ def resolve_model_path(spec: str) -> str:
         return str(_package_file(dist, filename, spec).locate())
     if os.path.isdir(spec) or spec.endswith(".gguf") and os.path.isfile(spec):
         return spec
+    if hub.is_hub_id(spec):
+        return hub.download_model(spec, revision)
     raise FileNotFoundError(
-        f"model {spec!r}: not an embedded name ({', '.join(EMBEDDED)}), a .gguf file or an HF directory")
+        f"model {spec!r}: not an embedded name ({', '.join(EMBEDDED)}), a .gguf file, an HF directory or a "
+        "Hub id (org/name)")
 
 
 def _package_files(dist: str, spec: str):
@@ -105,29 +113,35 @@ def _joined(spec: str) -> str:
 def load_model(spec: str, dtype: str | None = None, param_dtype: str | None = None,
                remat: str | None = None, attn_block: int | None = None,
                attention: str | None = None, chat_template: str | None = None,
-               template_option: str = "model.chat_template") -> LoadedModel:
+               template_option: str = "model.chat_template", revision: str | None = None) -> LoadedModel:
     """The model `spec` (see the module docstring) with compute overrides; `chat_template` (a known
     name or a Jinja file) replaces the tokenizer's own, and a model with neither is an error
     naming `template_option`."""
     from spin_jax.io import gguf_io, hf
 
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, revision)
     if os.path.isdir(path):
         cfg, params = hf.read_hf_dir(path)
     else:
         cfg, params, _ = gguf_io.read_gguf(path)
-    tok = load_tokenizer(spec, chat_template, template_option)
+    tok = _tokenizer_at(path, spec, chat_template, template_option)
     overrides = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attn_block=attn_block,
                      attention=attention)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return LoadedModel(cfg.replace(**overrides), params, tok, path)
 
 
-def model_config_only(spec: str, shapes_config: str | None = None) -> ModelConfig:
+def model_config_only(spec: str, shapes_config: str | None = None, revision: str | None = None) -> ModelConfig:
     """The model's ModelConfig without its weights: from an HF directory's config.json, a GGUF
-    file's metadata, or, when `spec` is not on this machine, the HF config.json `shapes_config`."""
-    from spin_jax.io import gguf_io, hf
+    file's metadata, a Hub model's config.json (from the HF cache, else `shapes_config` if set, else
+    that file alone downloaded), or, when `spec` is not on this machine, the HF config.json
+    `shapes_config`."""
+    from spin_jax.io import gguf_io, hf, hub
 
+    if hub.is_hub_id(spec):
+        config_path = (hub.cached_file(spec, "config.json", revision) or shapes_config
+                       or hub.download_file(spec, "config.json", revision))
+        return hf.config_from_hf(hf.read_json_object(config_path), config_path)
     try:
         path = resolve_model_path(spec)
     except FileNotFoundError:
@@ -143,16 +157,22 @@ def model_config_only(spec: str, shapes_config: str | None = None) -> ModelConfi
 
 def load_model_for(model_cfg, spec: str) -> LoadedModel:
     """`spec` loaded with the config's `model` section's compute settings (dtype, param_dtype,
-    remat, attn_block, attention, chat_template): how the driver and evaluate load the run's models."""
+    remat, attn_block, attention, chat_template; model.revision for the base model itself): how
+    the driver and evaluate load the run's models."""
     m = model_cfg
     return load_model(spec, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attn_block=m.attn_block,
-                      attention=m.attention, chat_template=m.chat_template)
+                      attention=m.attention, chat_template=m.chat_template,
+                      revision=m.revision if spec == m.name else None)
 
 
-def load_tokenizer(spec: str, chat_template: str | None = None, template_option: str = "model.chat_template"):
+def load_tokenizer(spec: str, chat_template: str | None = None, template_option: str = "model.chat_template",
+                   revision: str | None = None):
     """The model's tokenizer with its chat template: `chat_template` if given (`templates.apply`)."""
+    return _tokenizer_at(resolve_model_path(spec, revision), spec, chat_template, template_option)
+
+
+def _tokenizer_at(path: str, spec: str, chat_template: str | None, template_option: str):
     from spin_jax.io import templates, tokenizer
 
-    path = resolve_model_path(spec)
     tok = tokenizer.tokenizer_from_hf_dir(path) if os.path.isdir(path) else tokenizer.tokenizer_from_gguf(path)
     return templates.apply(tok, chat_template or DEFAULT_TEMPLATES.get(spec), template_option, spec)

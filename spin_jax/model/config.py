@@ -55,6 +55,10 @@ class ModelConfig:
     # Training and scoring attention: auto (the Pallas splash kernel on TPU, XLA elsewhere), xla,
     # splash, or splash-interpret (the kernel in Pallas interpret mode, on any backend)
     attention: str = "auto"
+    # LoRA, when adapters are attached to the params (model.lora): the update's scale alpha / rank,
+    # and the dropout rate on the adapters' input in training
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
     # Unroll the layer and vocab-chunk loops. Only `spin-jax plan` sets it: XLA's cost analysis
     # counts a loop body once, so the programs it counts FLOPs of have no loops.
     unroll_loops: bool = False

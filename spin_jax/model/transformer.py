@@ -35,6 +35,7 @@ from flax import nnx
 from spin_jax import sharding
 from spin_jax.loss import softcap
 from spin_jax.model import cache as cache_lib
+from spin_jax.model import lora, quant
 from spin_jax.model.attention import attention, attention_mask, causal, layer_masks, pick
 from spin_jax.model.cache import KVCache
 from spin_jax.model.config import ModelConfig
@@ -189,8 +190,7 @@ def _qkv(cfg: ModelConfig, lp, x, cos, sin):
     XLA:CPU transpose gradients through slow fused copies)."""
     b, t, d = x.shape
     h = _norm(cfg, x, lp["attn_norm"]).reshape(b * t, d)
-    q, k, v = (jnp.matmul(h, lp[n].reshape(d, -1)).reshape(b, t, *lp[n].shape[1:])
-               for n in ("wq", "wk", "wv"))
+    q, k, v = (_project(cfg, lp, n, h).reshape(b, t, *lp[n].shape[1:]) for n in ("wq", "wk", "wv"))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -209,13 +209,23 @@ def _kv_layout(k, v):
 def _attn_out_mlp(cfg: ModelConfig, lp, x, attn):
     """The rest of a layer: x + attention's output projection, then x + the gated MLP."""
     b, t, d = x.shape
-    out = (attn.reshape(b * t, -1) @ lp["wo"].reshape(-1, d)).reshape(x.shape)
+    out = _project(cfg, lp, "wo", attn.reshape(b * t, -1)).reshape(x.shape)
     x = x + (_norm(cfg, out, lp["post_attn_norm"]) if cfg.sandwich_norms else out)
     h = _norm(cfg, x, lp["mlp_norm"]).reshape(b * t, -1)  # 2-D matmuls
-    gate, up = h @ lp["w_gate"], h @ lp["w_up"]
+    gate, up = _project(cfg, lp, "w_gate", h), _project(cfg, lp, "w_up", h)
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    out = ((act * up) @ lp["w_down"]).reshape(x.shape)
+    out = _project(cfg, lp, "w_down", act * up).reshape(x.shape)
     return x + (_norm(cfg, out, lp["post_mlp_norm"]) if cfg.sandwich_norms else out)
+
+
+_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def _project(cfg: ModelConfig, lp, name: str, x2d):
+    """x [N, in] times the layer's weight `name`, plus its LoRA update when adapters are attached."""
+    adapters = lp.get("lora", {})
+    return lora.project(x2d, lp[name], adapters.get(name), cfg.lora_scale, cfg.lora_dropout,
+                        adapters.get("dropout_key"), _PROJECTIONS.index(name))
 
 
 def _embed(params, cfg: ModelConfig, tokens):
@@ -249,7 +259,13 @@ def _unroll(cfg: ModelConfig):
 
 
 def _cast(tree, dtype):
-    return jax.tree.map(lambda a: a.astype(dtype), tree)
+    """A layer's weights in the compute dtype: floats cast, quantized weights (QLoRA's frozen base)
+    dequantized, integer leaves (LoRA dropout keys) kept."""
+    def cast(a):
+        if quant.is_quantized(a):
+            return quant.dequantize(a, dtype)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree.map(cast, tree, is_leaf=quant.is_quantized)
 
 
 def _defaults(tokens, positions, valid):
@@ -347,17 +363,35 @@ def param_shapes(cfg: ModelConfig):
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
+def tree_axes(cfg: ModelConfig, params):
+    """param_axes for a params tree as it is: a quantized weight's arrays take the weight's axes (a
+    block's scale is sharded like the block) and attached LoRA adapters take `lora.adapter_axes`."""
+    axes = param_axes(cfg)
+    layers = dict(axes["layers"])
+    for name, value in params["layers"].items():
+        if quant.is_quantized(value):
+            layers[name] = {key: axes["layers"][name] for key in value}
+    if "lora" in params["layers"]:
+        layers["lora"] = lora.adapter_axes(cfg, params["layers"]["lora"])
+    return {**axes, "layers": layers}
+
+
 def param_shardings(cfg: ModelConfig, mesh, shapes=None):
     """NamedShardings of the params tree on `mesh` by the rule table."""
-    return sharding.tree_shardings(param_axes(cfg), param_shapes(cfg) if shapes is None else shapes, mesh)
+    shapes = param_shapes(cfg) if shapes is None else shapes
+    return sharding.tree_shardings(tree_axes(cfg, shapes), shapes, mesh)
 
 
 def shard_params(params, cfg: ModelConfig, mesh):
-    """Place a params pytree (numpy or jax) on the mesh by the rule table, as cfg.param_dtype."""
+    """Place a params pytree (numpy or jax) on the mesh by the rule table, float weights as
+    cfg.param_dtype (a quantized weight's arrays keep their dtypes)."""
     shardings = param_shardings(cfg, mesh, params)
-    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype=cfg.param_dtype)
-                                                    if not isinstance(x, jax.Array) else x, s),
-                        params, shardings)
+
+    def put(x, s):
+        if quant.is_quantized(x):
+            return {k: jax.device_put(v, s[k]) for k, v in x.items()}
+        return jax.device_put(np.asarray(x, dtype=cfg.param_dtype) if not isinstance(x, jax.Array) else x, s)
+    return jax.tree.map(put, params, shardings, is_leaf=quant.is_quantized)
 
 
 class CausalLMParams(nnx.Module):

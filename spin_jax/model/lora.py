@@ -1,0 +1,193 @@
+"""LoRA adapters as a small explicit pytree next to a frozen base.
+
+A projection W [in, out] of a layer gets A [in, r] and B [r, out]; the layer computes
+    x @ W + scale * (dropout(x) @ A) @ B,   scale = alpha / rank.
+A is initialised like PEFT's (Kaiming-uniform, bound 1/sqrt(in)) and B at zero, so a new adapter
+leaves the model unchanged: SPIN's main player starts equal to its opponent.
+
+The adapters tree mirrors the stacked layer weights (L layers, our [in..., out...] layouts):
+    {"wq": {"a": [L, D, r], "b": [L, r, H, E]}, "wo": {"a": [L, H, E, r], "b": [L, r, D]}, ...}
+`attach(base, adapters)` puts it under params["layers"]["lora"], so the one forward
+(transformer.py) runs base + adapters through every path: whole rows, the shared-prefix layout,
+the KV cache. Each A is sharded over its input axes and each B over its output axes, by the same
+rule table as the weights (`adapter_axes`); the rank axis is replicated.
+
+`merge` folds the adapters into the weights exactly (float32, then the base's dtype);
+`to_peft`/`from_peft` convert to and from PEFT's tensors (`base_model.model.<module>.lora_A.weight`
+[r, in], `lora_B.weight` [out, r]) so `peft.PeftModel.from_pretrained` loads what `export_peft` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# target name -> the layer weight it adapts, and that weight's number of input axes after `layers`
+TARGETS = {"q": ("wq", 1), "k": ("wk", 1), "v": ("wv", 1), "o": ("wo", 2),
+           "gate": ("w_gate", 1), "up": ("w_up", 1), "down": ("w_down", 1)}
+# the HF module of each target (transformers' Llama/Mistral/Qwen/Gemma names)
+HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+DEFAULT_TARGETS = tuple(TARGETS)  # every linear layer of the blocks (the QLoRA paper's choice)
+
+
+def adapter_shapes(cfg, targets, rank: int) -> dict:
+    """The adapters tree as float32 jax.ShapeDtypeStructs (no allocation)."""
+    from spin_jax.model import transformer
+
+    shapes = transformer.param_shapes(cfg)["layers"]
+    out = {}
+    for target in targets:
+        name, n_in = TARGETS[target]
+        shape = shapes[name].shape
+        out[name] = {"a": jax.ShapeDtypeStruct((shape[0], *shape[1:1 + n_in], rank), jnp.float32),
+                     "b": jax.ShapeDtypeStruct((shape[0], rank, *shape[1 + n_in:]), jnp.float32)}
+    return out
+
+
+def init_adapters(cfg, targets, rank: int, rng: jax.Array) -> dict:
+    """New adapters (float32 numpy): A Kaiming-uniform as PEFT initialises it, B zero."""
+    out = {}
+    for i, (name, ab) in enumerate(adapter_shapes(cfg, targets, rank).items()):
+        fan_in = math.prod(ab["a"].shape[1:-1])
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)): sqrt(6 / ((1 + 5) * fan_in))
+        a = jax.random.uniform(jax.random.fold_in(rng, i), ab["a"].shape, jnp.float32, -bound, bound)
+        out[name] = {"a": np.asarray(a), "b": np.zeros(ab["b"].shape, np.float32)}
+    return out
+
+
+def base_shapes(cfg, kind: str) -> dict:
+    """The frozen base's params tree as jax.ShapeDtypeStructs: float weights in `cfg.param_dtype`,
+    or (kind int8 / nf4) the adapted projections quantized."""
+    from spin_jax.model import quant, transformer
+
+    shapes = transformer.param_shapes(cfg)
+    if kind not in quant.KINDS:
+        return shapes
+    codes = {"int8": jnp.int8, "nf4": jnp.uint8}[kind]
+    layers = dict(shapes["layers"])
+    for name, _ in TARGETS.values():
+        layers[name] = {key: jax.ShapeDtypeStruct(shape, codes if key == kind else jnp.float32)
+                        for key, shape in quant.quantized_shapes(layers[name].shape, kind).items()}
+    return {**shapes, "layers": layers}
+
+
+def adapter_axes(cfg, adapters: dict) -> dict:
+    """Logical axes of the adapters: A takes its weight's input axes, B its output axes."""
+    from spin_jax.model import transformer
+
+    axes = transformer.param_axes(cfg)["layers"]
+    n_in = {name: n for name, n in TARGETS.values()}
+    return {name: {"a": (axes[name][0], *axes[name][1:1 + n_in[name]], "lora_rank"),
+                   "b": (axes[name][0], "lora_rank", *axes[name][1 + n_in[name]:])}
+            for name in adapters}
+
+
+def attach(base: dict, adapters: dict, dropout_key=None) -> dict:
+    """The params tree of base + adapters for the forward (`dropout_key`: a key for LoRA dropout,
+    training only; one key per layer is scanned with the weights)."""
+    lora = dict(adapters)
+    if dropout_key is not None:
+        layers = next(iter(adapters.values()))["a"].shape[0]
+        lora["dropout_key"] = jax.random.key_data(jax.random.split(dropout_key, layers))
+    return {**base, "layers": {**base["layers"], "lora": lora}}
+
+
+def project(x2d, w, adapter, scale: float, dropout: float = 0.0, key_data=None, index: int = 0):
+    """x [N, in] @ W (any [in..., out...] layout, flattened) plus the adapter's update, if any."""
+    n_in = x2d.shape[-1]
+    y = jnp.matmul(x2d, w.reshape(n_in, -1))
+    if adapter is None:
+        return y
+    a, b = adapter["a"], adapter["b"]
+    r = a.shape[-1]
+    h = x2d
+    if dropout and key_data is not None:
+        keep = jax.random.bernoulli(jax.random.fold_in(jax.random.wrap_key_data(key_data), index), 1.0 - dropout,
+                                    h.shape)
+        h = jnp.where(keep, h / (1.0 - dropout), 0).astype(h.dtype)
+    low = jnp.matmul(h, a.reshape(n_in, r))
+    return y + (jnp.matmul(low, b.reshape(r, -1)) * jnp.asarray(scale, low.dtype)).astype(y.dtype)
+
+
+def delta(adapter: dict, scale: float) -> np.ndarray:
+    """scale * A @ B in float64, in the weight's layout [L, in..., out...]."""
+    a, b = np.asarray(adapter["a"], np.float64), np.asarray(adapter["b"], np.float64)
+    n, r = a.shape[0], a.shape[-1]
+    d = np.matmul(a.reshape(n, -1, r), b.reshape(n, r, -1)) * scale
+    return d.reshape(*a.shape[:-1], *b.shape[2:])
+
+
+def merge(base: dict, adapters: dict, scale: float, dtype=None) -> dict:
+    """Base params with W + scale * A @ B in every adapted weight (exact in float32, then cast to
+    `dtype`, default each weight's own). Numpy in, numpy out."""
+    layers = dict(base["layers"])
+    for name, adapter in adapters.items():
+        w = np.asarray(layers[name])
+        merged = (w.astype(np.float64) + delta(adapter, scale)).astype(np.float32)
+        layers[name] = merged.astype(dtype or w.dtype)
+    return {**base, "layers": layers}
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT's format
+
+
+def to_peft(adapters: dict, cfg) -> dict:
+    """PEFT tensor names -> arrays: lora_A.weight [r, in], lora_B.weight [out, r] per layer."""
+    by_name = {name: target for target, (name, _) in TARGETS.items()}
+    out = {}
+    for name, adapter in adapters.items():
+        module = HF_MODULES[by_name[name]]
+        a, b = np.asarray(adapter["a"], np.float32), np.asarray(adapter["b"], np.float32)
+        r = a.shape[-1]
+        for i in range(a.shape[0]):
+            prefix = f"base_model.model.model.layers.{i}.{module}"
+            out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
+            out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+    return out
+
+
+def from_peft(tensors: dict, cfg, targets, rank: int) -> dict:
+    """The adapters tree from PEFT tensor names (the inverse of `to_peft`)."""
+    from spin_jax.model import transformer
+
+    shapes = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))["layers"]
+    out = {}
+    for target in targets:
+        name, n_in = TARGETS[target]
+        shape = shapes[name].shape
+        a, b = [], []
+        for i in range(cfg.num_layers):
+            prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[target]}"
+            try:
+                a.append(np.asarray(tensors[f"{prefix}.lora_A.weight"], np.float32).T.reshape(*shape[1:1 + n_in], rank))
+                b.append(np.asarray(tensors[f"{prefix}.lora_B.weight"], np.float32).T.reshape(rank, *shape[1 + n_in:]))
+            except KeyError as e:
+                raise KeyError(f"the adapter has no tensor {e.args[0]!r} (targets {', '.join(targets)})") from None
+        out[name] = {"a": np.stack(a), "b": np.stack(b)}
+    return out
+
+
+def peft_config(targets, rank: int, alpha: float, dropout: float, base_model: str) -> dict:
+    """PEFT's adapter_config.json for these adapters."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+            "target_modules": sorted(HF_MODULES[t].split(".")[-1] for t in targets), "modules_to_save": None}
+
+
+def export_peft(adapters: dict, cfg, out_dir: str, targets, rank: int, alpha: float, dropout: float,
+                base_model: str) -> None:
+    """adapter_config.json + adapter_model.safetensors in `out_dir` (created)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(peft_config(targets, rank, alpha, dropout, base_model), f, indent=2)
+    save_file(to_peft(adapters, cfg), os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
