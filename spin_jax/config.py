@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, Optional
 
@@ -20,6 +21,8 @@ ATTENTION = ("auto", "xla", "splash", "splash-interpret")
 CHAT_TEMPLATES = ("gemma", "chatml", "llama3")
 
 
+# a Hub repo id, org/name (model.name, data.manual_dir, export --push-to-hub; spin_jax.io.hub)
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # model.lora.targets' names (spin_jax.model.lora.TARGETS maps them to the layers' weights)
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")

@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
-from spin_jax.config import lr_for_iter
+from spin_jax.config import HUB_REPO_ID, lr_for_iter
 from spin_jax.errors import RunLocked, UsageError
 
 METRICS, SUMMARY, CONFIG, EVAL, EVAL_SAMPLES = ("metrics.jsonl", "summary.json", "config.json", "eval.jsonl",
@@ -401,10 +401,8 @@ def store_info(run_dir: str, t: int) -> Optional[dict]:
 
 def adapter_card(run_dir: str, t: int, conf: dict) -> str:
     """The card of iteration t's LoRA adapter: what it is, its base, how PEFT loads it."""
-    from spin_jax.io.hub import REPO_ID
-
     base = conf["base_model_name_or_path"]
-    front = ["---"] + ([f"base_model: {base}"] if REPO_ID.fullmatch(base) else []) + [
+    front = ["---"] + ([f"base_model: {base}"] if HUB_REPO_ID.fullmatch(base) else []) + [
         "library_name: peft", "tags:", "- spin", "- self-play", "- spin_jax", "- lora", "---", ""]
     return "\n".join(front + [
         f"# SPIN iteration {t} (spin_jax): LoRA adapter", "",
@@ -437,9 +435,8 @@ def model_card(run_dir: str, t: int, dtype: str, summary: Optional[dict] = None)
     m, d, s, tr = rec["model"], rec["data"], rec["sampling"], rec["train"]
     lr = lr_for_iter(tr["learning_rate"], tr.get("learning_rates") or (), t)
     digests = [f"iter{k} `{info['digest'][:16]}`" for k in range(t + 1) if (info := store_info(run_dir, k))]
-    from spin_jax.io.hub import REPO_ID  # the front matter the Hub reads: base model and tags
-
-    front = ["---"] + ([f"base_model: {m['name']}"] if REPO_ID.fullmatch(m["name"]) else []) + [
+    # the front matter the Hub reads: base model and tags
+    front = ["---"] + ([f"base_model: {m['name']}"] if HUB_REPO_ID.fullmatch(m["name"]) else []) + [
         "library_name: transformers", "tags:", "- spin", "- self-play", "- spin_jax", "---", ""]
     lines = front + [f"# SPIN iteration {t} (spin_jax): θ{t + 1}", "",
              f"Self-Play Fine-Tuning (Chen et al., arXiv 2401.01335), iteration {t} of run "

@@ -82,13 +82,27 @@ def test_plan_compiles_every_program_for_a_tpu_slice(topology, tiny_shapes):
 
 def test_plan_of_the_paper_model_two_layers_on_v5p_32():
     """Two layers of the 7B model's shapes sharded over 16 v5p chips (fsdp=16), at a quarter of the
-    paper's batch and half its lengths so the test compiles in about a minute."""
+    paper's batch and half its lengths; memory figures only (no cost copies), so the test compiles
+    in under a minute."""
     rc, out, err = run_plan(["--config", "configs/zephyr_ultrachat_tpu.yaml", "--topology", "v5p-32", "--layers", "2",
-                             "--programs", "train", "--set", "train.global_batch_size=16",
+                             "--programs", "train", "--memory-only", "--set", "train.global_batch_size=16",
                              "--set", "data.max_length=512", "--set", "data.max_prompt_length=256"])
     assert rc == 0, out + err
     (train,) = [line.split() for line in out.splitlines() if line.startswith("train ")]
     assert "'fsdp': 16" in out and train[-6] == "yes", out
+
+
+def test_lora_on_a_quantized_base_compiles_every_program(tiny_shapes):
+    """LoRA on an nf4 base, in-step opponent: the train step (adapters as its state, the quantized
+    base an argument), scoring and sampling on the quantized base compile for a v5e-8."""
+    rc, out, err = run_plan(["--config", "configs/tiny_test.yaml", "--topology", "v5e-8", *tiny_shapes,
+                             "--memory-only", "--set", "train.opponent_logps=in_step", "--set", "model.lora.rank=8",
+                             "--set", "model.base_dtype=nf4"])
+    assert rc == 0, out + err
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["train"], ["score"],
+                                                                                              ["sample"])}
+    assert set(rows) == {"train", "score", "sample"} and all(r[-6] == "yes" for r in rows.values()), out
+    assert all(r[-4] == "-" for r in rows.values()), out  # --memory-only: no FLOPs counted
 
 
 def test_a_config_that_does_not_fit_exits_1_with_advice(tiny_shapes):

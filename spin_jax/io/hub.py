@@ -17,6 +17,7 @@ import glob
 import os
 import re
 
+from spin_jax.config import HUB_REPO_ID
 from spin_jax.errors import SpinError
 
 # the files of a model repo spin_jax reads (top level only; the weights as safetensors)
@@ -24,7 +25,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                "chat_template.jinja", "chat_template.json", "*.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name
+REPO_ID = HUB_REPO_ID  # org/name
 _AT_REVISION = re.compile(REPO_ID.pattern + r"(@[\w./-]+)?")
 
 

@@ -8,9 +8,10 @@ leaves the model unchanged: SPIN's main player starts equal to its opponent.
 The adapters tree mirrors the stacked layer weights (L layers, our [in..., out...] layouts):
     {"wq": {"a": [L, D, r], "b": [L, r, H, E]}, "wo": {"a": [L, H, E, r], "b": [L, r, D]}, ...}
 `attach(base, adapters)` puts it under params["layers"]["lora"], so the one forward
-(transformer.py) runs base + adapters through every path: whole rows, the shared-prefix layout,
-the KV cache. Each A is sharded over its input axes and each B over its output axes, by the same
-rule table as the weights (`adapter_axes`); the rank axis is replicated.
+(transformer.py, whose `project` adds the update) runs base + adapters through every path: whole
+rows, the shared-prefix layout, the KV cache. Each A is sharded over its input axes and each B
+over its output axes, by the same rule table as the weights (`adapter_axes`); the rank axis is
+replicated.
 
 `merge` folds the adapters into the weights exactly (float32, then the base's dtype);
 `to_peft`/`from_peft` convert to and from PEFT's tensors (`base_model.model.<module>.lora_A.weight`
@@ -27,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spin_jax.model import quant, transformer
+
 # target name -> the layer weight it adapts, and that weight's number of input axes after `layers`
-TARGETS = {"q": ("wq", 1), "k": ("wk", 1), "v": ("wv", 1), "o": ("wo", 2),
-           "gate": ("w_gate", 1), "up": ("w_up", 1), "down": ("w_down", 1)}
+TARGETS = {t: (w, transformer.PROJECTION_INPUTS[w]) for t, w in
+           (("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo"), ("gate", "w_gate"), ("up", "w_up"), ("down", "w_down"))}
 # the HF module of each target (transformers' Llama/Mistral/Qwen/Gemma names)
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -38,8 +41,6 @@ DEFAULT_TARGETS = tuple(TARGETS)  # every linear layer of the blocks (the QLoRA 
 
 def adapter_shapes(cfg, targets, rank: int) -> dict:
     """The adapters tree as float32 jax.ShapeDtypeStructs (no allocation)."""
-    from spin_jax.model import transformer
-
     shapes = transformer.param_shapes(cfg)["layers"]
     out = {}
     for target in targets:
@@ -64,8 +65,6 @@ def init_adapters(cfg, targets, rank: int, rng: jax.Array) -> dict:
 def base_shapes(cfg, kind: str) -> dict:
     """The frozen base's params tree as jax.ShapeDtypeStructs: float weights in `cfg.param_dtype`,
     or (kind int8 / nf4) the adapted projections quantized."""
-    from spin_jax.model import quant, transformer
-
     shapes = transformer.param_shapes(cfg)
     if kind not in quant.KINDS:
         return shapes
@@ -78,14 +77,8 @@ def base_shapes(cfg, kind: str) -> dict:
 
 
 def adapter_axes(cfg, adapters: dict) -> dict:
-    """Logical axes of the adapters: A takes its weight's input axes, B its output axes."""
-    from spin_jax.model import transformer
-
-    axes = transformer.param_axes(cfg)["layers"]
-    n_in = {name: n for name, n in TARGETS.values()}
-    return {name: {"a": (axes[name][0], *axes[name][1:1 + n_in[name]], "lora_rank"),
-                   "b": (axes[name][0], "lora_rank", *axes[name][1 + n_in[name]:])}
-            for name in adapters}
+    """Logical axes of the adapters (A: its weight's input axes, B: its output axes)."""
+    return transformer.adapter_axes(cfg, adapters)
 
 
 def attach(base: dict, adapters: dict, dropout_key=None) -> dict:
@@ -96,23 +89,6 @@ def attach(base: dict, adapters: dict, dropout_key=None) -> dict:
         layers = next(iter(adapters.values()))["a"].shape[0]
         lora["dropout_key"] = jax.random.key_data(jax.random.split(dropout_key, layers))
     return {**base, "layers": {**base["layers"], "lora": lora}}
-
-
-def project(x2d, w, adapter, scale: float, dropout: float = 0.0, key_data=None, index: int = 0):
-    """x [N, in] @ W (any [in..., out...] layout, flattened) plus the adapter's update, if any."""
-    n_in = x2d.shape[-1]
-    y = jnp.matmul(x2d, w.reshape(n_in, -1))
-    if adapter is None:
-        return y
-    a, b = adapter["a"], adapter["b"]
-    r = a.shape[-1]
-    h = x2d
-    if dropout and key_data is not None:
-        keep = jax.random.bernoulli(jax.random.fold_in(jax.random.wrap_key_data(key_data), index), 1.0 - dropout,
-                                    h.shape)
-        h = jnp.where(keep, h / (1.0 - dropout), 0).astype(h.dtype)
-    low = jnp.matmul(h, a.reshape(n_in, r))
-    return y + (jnp.matmul(low, b.reshape(r, -1)) * jnp.asarray(scale, low.dtype)).astype(y.dtype)
 
 
 def delta(adapter: dict, scale: float) -> np.ndarray:
@@ -155,9 +131,7 @@ def to_peft(adapters: dict, cfg) -> dict:
 
 def from_peft(tensors: dict, cfg, targets, rank: int) -> dict:
     """The adapters tree from PEFT tensor names (the inverse of `to_peft`)."""
-    from spin_jax.model import transformer
-
-    shapes = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))["layers"]
+    shapes = transformer.param_shapes(cfg)["layers"]
     out = {}
     for target in targets:
         name, n_in = TARGETS[target]

@@ -35,7 +35,7 @@ from flax import nnx
 from spin_jax import sharding
 from spin_jax.loss import softcap
 from spin_jax.model import cache as cache_lib
-from spin_jax.model import lora, quant
+from spin_jax.model import quant
 from spin_jax.model.attention import attention, attention_mask, causal, layer_masks, pick
 from spin_jax.model.cache import KVCache
 from spin_jax.model.config import ModelConfig
@@ -218,14 +218,35 @@ def _attn_out_mlp(cfg: ModelConfig, lp, x, attn):
     return x + (_norm(cfg, out, lp["post_mlp_norm"]) if cfg.sandwich_norms else out)
 
 
-_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# a layer's projections and how many of each weight's axes (after `layers`) are its input
+PROJECTION_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 
 
 def _project(cfg: ModelConfig, lp, name: str, x2d):
-    """x [N, in] times the layer's weight `name`, plus its LoRA update when adapters are attached."""
+    """x [N, in] times the layer's weight `name`, plus its LoRA update when adapters are attached
+    (`spin_jax.model.lora` builds them under params["layers"]["lora"])."""
     adapters = lp.get("lora", {})
-    return lora.project(x2d, lp[name], adapters.get(name), cfg.lora_scale, cfg.lora_dropout,
-                        adapters.get("dropout_key"), _PROJECTIONS.index(name))
+    return project(x2d, lp[name], adapters.get(name), cfg.lora_scale, cfg.lora_dropout,
+                   adapters.get("dropout_key"), list(PROJECTION_INPUTS).index(name))
+
+
+def project(x2d, w, adapter=None, scale: float = 1.0, dropout: float = 0.0, key_data=None, index: int = 0):
+    """x [N, in] @ W (any [in..., out...] layout, flattened), plus scale * (dropout(x) @ A) @ B
+    for a LoRA adapter {"a": [in..., r], "b": [r, out...]}. Dropout (inverted: kept inputs scaled
+    by 1 / (1 - dropout)) applies only with `key_data`, a layer's raw key, folded with `index`."""
+    n_in = x2d.shape[-1]
+    y = jnp.matmul(x2d, w.reshape(n_in, -1))
+    if adapter is None:
+        return y
+    a, b = adapter["a"], adapter["b"]
+    r = a.shape[-1]
+    h = x2d
+    if dropout and key_data is not None:
+        keep = jax.random.bernoulli(jax.random.fold_in(jax.random.wrap_key_data(key_data), index), 1.0 - dropout,
+                                    h.shape)
+        h = jnp.where(keep, h / (1.0 - dropout), 0).astype(h.dtype)
+    low = jnp.matmul(h, a.reshape(n_in, r))
+    return y + (jnp.matmul(low, b.reshape(r, -1)) * jnp.asarray(scale, low.dtype)).astype(y.dtype)
 
 
 def _embed(params, cfg: ModelConfig, tokens):
@@ -365,15 +386,29 @@ def param_shapes(cfg: ModelConfig):
 
 def tree_axes(cfg: ModelConfig, params):
     """param_axes for a params tree as it is: a quantized weight's arrays take the weight's axes (a
-    block's scale is sharded like the block) and attached LoRA adapters take `lora.adapter_axes`."""
+    block's scale is sharded like the block) and attached LoRA adapters take `adapter_axes`."""
     axes = param_axes(cfg)
     layers = dict(axes["layers"])
     for name, value in params["layers"].items():
         if quant.is_quantized(value):
             layers[name] = {key: axes["layers"][name] for key in value}
     if "lora" in params["layers"]:
-        layers["lora"] = lora.adapter_axes(cfg, params["layers"]["lora"])
+        layers["lora"] = adapter_axes(cfg, params["layers"]["lora"])
     return {**axes, "layers": layers}
+
+
+def adapter_axes(cfg: ModelConfig, adapters: dict) -> dict:
+    """Logical axes of LoRA adapters: A [layers, in..., r] takes its weight's input axes, B
+    [layers, r, out...] its output axes; the rank is replicated."""
+    axes = param_axes(cfg)["layers"]
+    out = {}
+    for name in adapters:
+        if name == "dropout_key":
+            out[name] = ("layers", None)
+            continue
+        w, n = axes[name], PROJECTION_INPUTS[name]
+        out[name] = {"a": (w[0], *w[1:1 + n], "lora_rank"), "b": (w[0], "lora_rank", *w[1 + n:])}
+    return out
 
 
 def param_shardings(cfg: ModelConfig, mesh, shapes=None):
