@@ -69,7 +69,7 @@ def test_hub_errors_say_what_to_do(fake_hub, tiny_model_dir, monkeypatch):
     files = files_of(tiny_model_dir)
     fake_hub.add_repo("org/gated", files, gated=True, token="hf_secret")
     fake_hub.add_repo("org/pickled", {k: v for k, v in files.items() if not k.endswith(".safetensors")}
-                      | {"pytorch_model.bin": b"pickle"})
+                      | {"pytorch_model.bin": b"pickle", "onnx/model.safetensors": b"not the model's weights"})
     with pytest.raises(SpinError, match=r"is gated .*accept its terms at http://127\.0\.0\.1:\d+/org/gated.*HF_TOKEN"):
         load_model("org/gated")
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")

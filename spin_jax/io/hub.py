@@ -114,7 +114,8 @@ def push_folder(folder: str, repo_id: str, private: bool = False, message: str =
 
 
 def _check_weights(what: str, files: list[str]) -> None:
-    names = [os.path.basename(f) for f in files]
+    """Refuse a repo whose top level (what is fetched) has no safetensors, naming its pickles."""
+    names = [f for f in files if "/" not in f]
     if any(fnmatch.fnmatch(n, "*.safetensors") for n in names):
         return
     pickles = sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in PICKLE_WEIGHTS))
