@@ -9,7 +9,7 @@ import os
 import sys
 
 from spin_jax import logs, rundir
-from spin_jax.config import ConfigError
+from spin_jax.config import HUB_REPO_ID, ConfigError
 from spin_jax.errors import Preempted, SpinError, UsageError
 
 
@@ -237,7 +237,7 @@ def cmd_export(args) -> None:
 
     if args.private and not args.push_to_hub:
         raise UsageError("--private needs --push-to-hub REPO")
-    if args.push_to_hub and not hub.REPO_ID.fullmatch(args.push_to_hub):
+    if args.push_to_hub and not HUB_REPO_ID.fullmatch(args.push_to_hub):
         raise UsageError(f"--push-to-hub {args.push_to_hub!r}: expected a Hub repo id, org/name")
     if args.adapter_only and args.dtype:
         raise UsageError("--dtype applies to the merged model; the adapter is stored in float32 (leave out one)")

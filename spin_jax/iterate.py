@@ -46,17 +46,13 @@ def lora_base(cfg: Config, model):
     Without LoRA, `model` itself."""
     from spin_jax.model import lora, quant
 
-    lo, kind = cfg.model.lora, cfg.model.base_dtype or model.cfg.param_dtype
-    if not lo.rank:
+    if not cfg.model.lora.rank:
         return model
-    floats = kind if kind in ("float32", "bfloat16") else model.cfg.param_dtype
-    mcfg = model.cfg.replace(param_dtype=floats, lora_scale=lo.alpha / lo.rank, lora_dropout=lo.dropout)
-    params = jax.tree.map(lambda x: np.asarray(x, jax.numpy.dtype(floats)), model.params)
-    if kind in quant.KINDS:
-        log.info(f"QLoRA: quantizing the base's projections to {kind} (blocks of 64)")
-        weights = [name for name, _ in lora.TARGETS.values()]
-        params = {**params, "layers": quant.quantize_tree(params["layers"], weights, kind)}
-    return dataclasses.replace(model, cfg=mcfg, params=params)
+    mcfg = lora.base_config(model.cfg, cfg.model)
+    params = jax.tree.map(lambda x: np.asarray(x, jax.numpy.dtype(mcfg.param_dtype)), model.params)
+    if cfg.model.base_dtype in quant.KINDS:
+        log.info(f"QLoRA: quantizing the base's projections to {cfg.model.base_dtype} (blocks of 64)")
+    return dataclasses.replace(model, cfg=mcfg, params=lora.quantize_base(params, cfg.model.base_dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +97,7 @@ def _generate(cfg: Config, t: int, model, progress: bool) -> str:
         s = cfg.sampling
         sp = SamplingParams.from_config(s, tok)
         sampler = Sampler(model.cfg, mesh, batch_size=s.batch_size, pad_id=tok.pad_token_id or 0,
-                          decode_phases=s.decode_phases)
+                          decode_phases=s.decode_phases, param_shapes=model.params)
         params = sampler.place(model.params)
         mhash = model_hash(model.source)
         left = sum(len(c_ids) for _, c_ids in pending)
@@ -221,7 +217,7 @@ def _train_iteration(cfg: Config, t: int, progress: bool, stop_after) -> dict:
         rundir.write_json(os.path.join(out_dir, rundir.SUMMARY), summary)
         dtype = theta.cfg.param_dtype
         card = rundir.model_card(cfg.run_dir, t, dtype, summary)
-        if lo.rank:  # θ(t+1) = θt + scale * B A, merged in float32 onto θt at full precision
+        if lo.rank:  # θ(t+1) = θt + scale * B A, merged in float64 onto θt at full precision
             with rundir.written_dir(rundir.adapter_dir(cfg.run_dir, t)) as tmp:
                 lora.export_peft(final, theta.cfg, tmp, lo.targets, lo.rank, lo.alpha, lo.dropout,
                                  opponent_spec(cfg, t))

@@ -137,11 +137,8 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
     m = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                           attn_block=cfg.model.attn_block,
                           attention="splash" if cfg.model.attention == "auto" else cfg.model.attention)
-    lo = cfg.model.lora
-    if lo.rank:  # the frozen base in model.base_dtype (int8 / nf4: quantized projections), adapters in float32
-        base = cfg.model.base_dtype or m.param_dtype
-        m = m.replace(param_dtype=base if base in ("float32", "bfloat16") else m.param_dtype,
-                      lora_scale=lo.alpha / lo.rank, lora_dropout=lo.dropout)
+    if cfg.model.lora.rank:  # the frozen base in model.base_dtype (int8 / nf4: quantized), adapters in float32
+        m = lora.base_config(m, cfg.model)
     if layers:
         m = m.replace(num_layers=layers)
     hosts = sorted({d.process_index for d in devices})
@@ -256,7 +253,7 @@ def _lengths(cfg: Config) -> tuple[int, int]:
 def _model_params(cfg: Config, mc: ModelConfig, mesh):
     """The abstract params of the model as the opponent runs it (with LoRA: the frozen base in
     model.base_dtype, quantized for int8 / nf4), sharded by the rule table."""
-    shapes = lora.base_shapes(mc, cfg.model.base_dtype or "") if cfg.model.lora.rank else transformer.param_shapes(mc)
+    shapes = lora.base_shapes(mc, cfg.model.base_dtype) if cfg.model.lora.rank else transformer.param_shapes(mc)
     return sharding.abstract(shapes, transformer.param_shardings(mc, mesh, shapes))
 
 
@@ -334,9 +331,8 @@ def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
 
     def inputs(layers: int, unroll: bool = False):
         mc = _at_depth(m, layers, unroll)
-        sampler = Sampler(mc, mesh, batch_size=s.batch_size, decode_phases=s.decode_phases)
         params = _model_params(cfg, mc, mesh)
-        sampler.param_sharding = jax.tree.map(lambda x: x.sharding, params)  # the layout as it runs
+        sampler = Sampler(mc, mesh, batch_size=s.batch_size, decode_phases=s.decode_phases, param_shapes=params)
         cache_sh = sampler.cache_shardings(length)
         cache = sharding.abstract(jax.eval_shape(lambda: cache_lib.init_cache(mc, s.batch_size, length)), cache_sh)
         return mc, sampler, params, cache, cache_sh
@@ -357,7 +353,7 @@ def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
             logits, c = transformer.forward(prm, mc, tok, pos, v, cache=c)
             return logits[:, -1], c
 
-        return jax.jit(run, in_shardings=(jax.tree.map(lambda x: x.sharding, params), cache_sh, row, row, row),
+        return jax.jit(run, in_shardings=(sampler.param_sharding, cache_sh, row, row, row),
                        donate_argnums=(1,)).lower(params, cache, shape, shape, ok)
 
     parts = [(lambda n, unroll: step(n, p, unroll), 1), (lambda n, unroll: step(n, 1, unroll), s.max_new_tokens - 1)]

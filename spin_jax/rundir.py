@@ -399,12 +399,17 @@ def store_info(run_dir: str, t: int) -> Optional[dict]:
 # The model card
 
 
+def _front_matter(base: str, library: str, *tags: str) -> list[str]:
+    """The card's YAML front matter, which the Hub reads: the base model (when it is a Hub id), the
+    library that loads the directory, and the tags."""
+    return ["---", *([f"base_model: {base}"] if HUB_REPO_ID.fullmatch(base) else []), f"library_name: {library}",
+            "tags:", *(f"- {tag}" for tag in ("spin", "self-play", "spin_jax", *tags)), "---", ""]
+
+
 def adapter_card(run_dir: str, t: int, conf: dict) -> str:
     """The card of iteration t's LoRA adapter: what it is, its base, how PEFT loads it."""
     base = conf["base_model_name_or_path"]
-    front = ["---"] + ([f"base_model: {base}"] if HUB_REPO_ID.fullmatch(base) else []) + [
-        "library_name: peft", "tags:", "- spin", "- self-play", "- spin_jax", "- lora", "---", ""]
-    return "\n".join(front + [
+    return "\n".join(_front_matter(base, "peft", "lora") + [
         f"# SPIN iteration {t} (spin_jax): LoRA adapter", "",
         f"Self-Play Fine-Tuning (Chen et al., arXiv 2401.01335), iteration {t}: a rank-{conf['r']} LoRA adapter "
         f"(alpha {conf['lora_alpha']}, on {', '.join(conf['target_modules'])}) trained on θ{t} against θ{t} as the "
@@ -412,7 +417,7 @@ def adapter_card(run_dir: str, t: int, conf: dict) -> str:
         "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
         f"base = AutoModelForCausalLM.from_pretrained({base!r})",
         "model = PeftModel.from_pretrained(base, DIR)  # DIR: this directory or its Hub repo",
-        "merged = model.merge_and_unload()  # θ{t + 1} as a plain transformers model".replace("{t + 1}", str(t + 1)),
+        f"merged = model.merge_and_unload()  # θ{t + 1} as a plain transformers model",
         "```", ""]) + _settings_lines(run_dir, t)
 
 
@@ -435,10 +440,7 @@ def model_card(run_dir: str, t: int, dtype: str, summary: Optional[dict] = None)
     m, d, s, tr = rec["model"], rec["data"], rec["sampling"], rec["train"]
     lr = lr_for_iter(tr["learning_rate"], tr.get("learning_rates") or (), t)
     digests = [f"iter{k} `{info['digest'][:16]}`" for k in range(t + 1) if (info := store_info(run_dir, k))]
-    # the front matter the Hub reads: base model and tags
-    front = ["---"] + ([f"base_model: {m['name']}"] if HUB_REPO_ID.fullmatch(m["name"]) else []) + [
-        "library_name: transformers", "tags:", "- spin", "- self-play", "- spin_jax", "---", ""]
-    lines = front + [f"# SPIN iteration {t} (spin_jax): θ{t + 1}", "",
+    lines = _front_matter(m["name"], "transformers") + [f"# SPIN iteration {t} (spin_jax): θ{t + 1}", "",
              f"Self-Play Fine-Tuning (Chen et al., arXiv 2401.01335), iteration {t} of run "
              f"`{rec.get('run_name')}`: trained from θ{t} against θ{t} as the opponent.", "",
              f"- base model (θ0): `{m['name']}`",

@@ -206,24 +206,21 @@ class Sampler:
     """Compiled, sharded sampling for one model config on one mesh; one program per prompt bucket."""
 
     def __init__(self, cfg: ModelConfig, mesh=None, batch_size: int = 16, pad_id: int = 0,
-                 min_prompt_bucket: int = 16, max_prompt_len: Optional[int] = None, decode_phases: int = 4):
+                 min_prompt_bucket: int = 16, max_prompt_len: Optional[int] = None, decode_phases: int = 4,
+                 param_shapes=None):
+        """`param_shapes`: the params tree the programs will take when it is not the plain one (a
+        quantized base); arrays or ShapeDtypeStructs."""
         self.cfg, self.batch_size, self.pad_id = cfg, batch_size, pad_id
         self.decode_phases = decode_phases  # each phase is one more compiled copy of the decode step
         self.mesh = mesh or sharding.make_mesh()
         self.min_bucket, self.max_prompt_len = min_prompt_bucket, max_prompt_len
-        self.param_sharding = transformer.param_shardings(cfg, self.mesh)
+        self.param_sharding = transformer.param_shardings(cfg, self.mesh, param_shapes)
         self._caches: dict[tuple, KVCache] = {}
         self.compiled_programs: set[tuple] = set()
 
     def place(self, params):
-        """Params (numpy or jax) on this sampler's mesh. A tree of another layout than the plain
-        one (a quantized base) becomes the layout the sampling programs take."""
-        placed = transformer.shard_params(params, self.cfg, self.mesh)
-        layout = jax.tree.map(lambda x: x.sharding, placed)
-        if jax.tree.structure(layout) != jax.tree.structure(self.param_sharding):
-            self.param_sharding = layout
-            self.program.cache_clear()
-        return placed
+        """Params (numpy or jax) on this sampler's mesh."""
+        return transformer.shard_params(params, self.cfg, self.mesh)
 
     def generate(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams, seed: int = 0,
                  progress=None) -> list[Sample]:

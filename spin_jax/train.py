@@ -140,11 +140,10 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes
     argument; the in-step opponent is that base, and opponent_params is None."""
     state_sh = state_shardings(cfg, mesh, state_shapes, tx)
     in_step = tcfg.opponent_logps == "in_step"
-    model_sh = state_sh.params if base_shapes is None else transformer.param_shardings(cfg, mesh, base_shapes)
-    opponent_sh = model_sh if in_step and base_shapes is None else None
+    opponent_sh = state_sh.params if in_step and base_shapes is None else None
+    base_sh = () if base_shapes is None else (transformer.param_shardings(cfg, mesh, base_shapes),)
     fn = attention.traced_on(mesh, functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx))
-    shardings = (state_sh, opponent_sh, batch_shardings(mesh, with_logps=not in_step))
-    return jax.jit(fn, in_shardings=shardings + (() if base_shapes is None else (model_sh,)),
+    return jax.jit(fn, in_shardings=(state_sh, opponent_sh, batch_shardings(mesh, with_logps=not in_step)) + base_sh,
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
                    compiler_options=compiler_options(mesh))
 
@@ -178,7 +177,7 @@ def trainable_shardings(cfg: ModelConfig, mesh, shapes):
     """The trained tree's shardings: a whole params tree, or LoRA adapters (no `embed`)."""
     if "embed" in shapes:
         return transformer.param_shardings(cfg, mesh, shapes)
-    return sharding.tree_shardings(lora.adapter_axes(cfg, shapes), shapes, mesh)
+    return sharding.tree_shardings(transformer.adapter_axes(cfg, shapes), shapes, mesh)
 
 
 def batch_shardings(mesh, with_logps: bool) -> SpinBatch:

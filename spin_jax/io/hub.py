@@ -25,8 +25,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                "chat_template.jinja", "chat_template.json", "*.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-REPO_ID = HUB_REPO_ID  # org/name
-_AT_REVISION = re.compile(REPO_ID.pattern + r"(@[\w./-]+)?")
+_AT_REVISION = re.compile(HUB_REPO_ID.pattern + r"(@[\w./-]+)?")
 
 
 def is_hub_id(spec: str) -> bool:
@@ -42,6 +41,11 @@ def split_revision(spec: str, revision: str | None = None) -> tuple[str, str | N
     return repo_id, at or revision
 
 
+def _what(kind: str, repo_id: str, revision: str | None) -> str:
+    """How errors name a repo: "model 'org/name'", with its revision if one was asked for."""
+    return f"{kind} {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+
+
 def endpoint() -> str:
     from huggingface_hub import constants
 
@@ -53,7 +57,7 @@ def download_model(spec: str, revision: str | None = None) -> str:
     from huggingface_hub import HfApi, constants, snapshot_download
 
     repo_id, revision = split_revision(spec, revision)
-    what = f"model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    what = _what("model", repo_id, revision)
     with hub_errors(what, repo_id, revision):
         if not constants.HF_HUB_OFFLINE:  # refuse a repo without safetensors before downloading anything
             info = HfApi().model_info(repo_id, revision=revision)
@@ -84,7 +88,7 @@ def download_file(spec: str, filename: str, revision: str | None = None) -> str:
     from huggingface_hub import hf_hub_download
 
     repo_id, revision = split_revision(spec, revision)
-    what = f"model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    what = _what("model", repo_id, revision)
     with hub_errors(what, repo_id, revision, filename):
         return hf_hub_download(repo_id, filename, revision=revision)
 
@@ -94,7 +98,7 @@ def download_dataset(spec: str, patterns: list[str]) -> str:
     from huggingface_hub import snapshot_download
 
     repo_id, revision = split_revision(spec)
-    what = f"data set {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    what = _what("data set", repo_id, revision)
     with hub_errors(what, repo_id, revision, repo_type="dataset"):
         return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns)
 
@@ -104,10 +108,10 @@ def push_folder(folder: str, repo_id: str, private: bool = False, message: str =
     main branch in one commit; returns the repo's URL."""
     from huggingface_hub import HfApi
 
-    if not REPO_ID.fullmatch(repo_id):
+    if not HUB_REPO_ID.fullmatch(repo_id):
         raise SpinError(f"--push-to-hub {repo_id!r}: expected a Hub repo id, org/name")
     api = HfApi()
-    with hub_errors(f"model {repo_id!r}", repo_id, None, upload=True):
+    with hub_errors(_what("model", repo_id, None), repo_id, None, upload=True):
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=message)
     return str(url)

@@ -10,10 +10,10 @@ The adapters tree mirrors the stacked layer weights (L layers, our [in..., out..
 `attach(base, adapters)` puts it under params["layers"]["lora"], so the one forward
 (transformer.py, whose `project` adds the update) runs base + adapters through every path: whole
 rows, the shared-prefix layout, the KV cache. Each A is sharded over its input axes and each B
-over its output axes, by the same rule table as the weights (`adapter_axes`); the rank axis is
-replicated.
+over its output axes, by the same rule table as the weights (`transformer.adapter_axes`); the
+rank axis is replicated.
 
-`merge` folds the adapters into the weights exactly (float32, then the base's dtype);
+`merge` folds the adapters into the weights (in float64, then the base's dtype);
 `to_peft`/`from_peft` convert to and from PEFT's tensors (`base_model.model.<module>.lora_A.weight`
 [r, in], `lora_B.weight` [out, r]) so `peft.PeftModel.from_pretrained` loads what `export_peft` writes.
 """
@@ -37,6 +37,24 @@ TARGETS = {t: (w, transformer.PROJECTION_INPUTS[w]) for t, w in
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 DEFAULT_TARGETS = tuple(TARGETS)  # every linear layer of the blocks (the QLoRA paper's choice)
+QUANTIZED = tuple(transformer.PROJECTION_INPUTS)  # what an int8 / nf4 base quantizes: every projection
+
+
+def base_config(cfg, section):
+    """`cfg` of the model as LoRA's frozen base under the config's `model` section: float weights
+    in model.base_dtype (param_dtype for int8 / nf4, whose other weights stay in it), and the
+    adapters' scale (alpha / rank) and dropout."""
+    lo, kind = section.lora, section.base_dtype or cfg.param_dtype
+    return cfg.replace(param_dtype=kind if kind not in quant.KINDS else cfg.param_dtype,
+                       lora_scale=lo.alpha / lo.rank, lora_dropout=lo.dropout)
+
+
+def quantize_base(params: dict, kind) -> dict:
+    """`params` (numpy) with the projections of every layer quantized for kind int8 / nf4; other
+    kinds leave them as they are."""
+    if kind not in quant.KINDS:
+        return params
+    return {**params, "layers": quant.quantize_tree(params["layers"], QUANTIZED, kind)}
 
 
 def adapter_shapes(cfg, targets, rank: int) -> dict:
@@ -62,23 +80,17 @@ def init_adapters(cfg, targets, rank: int, rng: jax.Array) -> dict:
     return out
 
 
-def base_shapes(cfg, kind: str) -> dict:
-    """The frozen base's params tree as jax.ShapeDtypeStructs: float weights in `cfg.param_dtype`,
-    or (kind int8 / nf4) the adapted projections quantized."""
+def base_shapes(cfg, kind) -> dict:
+    """`quantize_base`'s tree as jax.ShapeDtypeStructs: float weights in `cfg.param_dtype`, and for
+    kind int8 / nf4 the projections quantized."""
     shapes = transformer.param_shapes(cfg)
     if kind not in quant.KINDS:
         return shapes
-    codes = {"int8": jnp.int8, "nf4": jnp.uint8}[kind]
     layers = dict(shapes["layers"])
-    for name, _ in TARGETS.values():
-        layers[name] = {key: jax.ShapeDtypeStruct(shape, codes if key == kind else jnp.float32)
+    for name in QUANTIZED:
+        layers[name] = {key: jax.ShapeDtypeStruct(shape, quant.ARRAY_DTYPES[key])
                         for key, shape in quant.quantized_shapes(layers[name].shape, kind).items()}
     return {**shapes, "layers": layers}
-
-
-def adapter_axes(cfg, adapters: dict) -> dict:
-    """Logical axes of the adapters (A: its weight's input axes, B: its output axes)."""
-    return transformer.adapter_axes(cfg, adapters)
 
 
 def attach(base: dict, adapters: dict, dropout_key=None) -> dict:
@@ -100,8 +112,8 @@ def delta(adapter: dict, scale: float) -> np.ndarray:
 
 
 def merge(base: dict, adapters: dict, scale: float, dtype=None) -> dict:
-    """Base params with W + scale * A @ B in every adapted weight (exact in float32, then cast to
-    `dtype`, default each weight's own). Numpy in, numpy out."""
+    """Base params with W + scale * A @ B in every adapted weight (in float64, rounded to float32,
+    then cast to `dtype`, default each weight's own). Numpy in, numpy out."""
     layers = dict(base["layers"])
     for name, adapter in adapters.items():
         w = np.asarray(layers[name])

@@ -71,6 +71,8 @@ _INT8_MAX = 127
 _NF4_MIDPOINTS = (NF4_LEVELS[:-1].astype(np.float64) + NF4_LEVELS[1:].astype(np.float64)) / 2
 # The scale array's key for each kind.
 _SCALE_KEY = {"int8": "scale", "nf4": "absmax"}
+# The dtype of each array of a quantized weight, by its key.
+ARRAY_DTYPES = {"int8": np.int8, "scale": np.float32, "nf4": np.uint8, "absmax": np.float32}
 
 
 def _check_kind(kind: str) -> None:
@@ -223,8 +225,7 @@ def quantize_stacked(w, kind: str, block: int = 64) -> dict:
     if w.ndim < 2:
         return quantize(w, kind, block)
     shapes = quantized_shapes(w.shape, kind, block)
-    out = {key: np.empty(shape, np.int8 if key == "int8" else np.uint8 if key == "nf4" else np.float32)
-           for key, shape in shapes.items()}
+    out = {key: np.empty(shape, ARRAY_DTYPES[key]) for key, shape in shapes.items()}
     for i in range(w.shape[0]):
         for key, value in quantize(w[i], kind, block).items():
             out[key][i] = value
