@@ -17,6 +17,8 @@ import yaml
 
 # model.attention's values (spin_jax.model.attention.implementation reads them)
 ATTENTION = ("auto", "xla", "splash", "splash-interpret")
+# sampling.layout's values (spin_jax.sampling.decode_mesh reads them)
+DECODE_LAYOUTS = ("auto", "tensor", "replicated", "train")
 # model.chat_template's known names (spin_jax.io.templates holds them)
 CHAT_TEMPLATES = ("gemma", "chatml", "llama3")
 
@@ -84,6 +86,9 @@ class SamplingSection:
     greedy: bool = False
     batch_size: int = 16
     decode_phases: int = 4  # decode loops with growing attention windows (each one more compiled step)
+    # how the opponent's weights lie while decoding: auto (tensor-parallel over a host's chips where the kv
+    # heads divide, else replicated where the weights fit, else as in training) | tensor | replicated | train
+    layout: str = "auto"
     chunk_size: int = 64  # prompts per store shard (the unit of resumption)
     seed: int = 0
 
@@ -255,6 +260,7 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     need(s.top_k >= 0, "sampling.top_k", s.top_k, ">= 0 (0: off)")
     need(s.batch_size >= 1, "sampling.batch_size", s.batch_size, ">= 1")
     need(s.decode_phases >= 1, "sampling.decode_phases", s.decode_phases, ">= 1")
+    need(s.layout in DECODE_LAYOUTS, "sampling.layout", s.layout, f"one of {', '.join(DECODE_LAYOUTS)}")
     need(s.chunk_size >= 1, "sampling.chunk_size", s.chunk_size, ">= 1")
     need(t.beta > 0, "train.beta", t.beta, "> 0 (the paper: 0.1)")
     need(t.loss_type in ("sigmoid", "hinge", "ipo"), "train.loss_type", t.loss_type, "one of sigmoid, hinge, ipo")

@@ -40,6 +40,7 @@ from spin_jax.data import tokenize
 from spin_jax.data.prompts import prompt_rows
 from spin_jax.errors import UsageError
 from spin_jax.io.load import load_model, load_model_for
+from spin_jax.model import transformer
 from spin_jax.sampling import Sampler, SamplingParams, derive_seed, progress_bar
 
 log = logging.getLogger(__name__)
@@ -184,12 +185,13 @@ class Programs:
         self.model_cfg, self.mesh, self.pad_id = model_cfg, mesh, pad_id
         self.rows = 2 * cfg.sampling.batch_size  # scoring batch: as many rows as a batch of pairs
         self.sampler = Sampler(model_cfg, mesh, batch_size=cfg.sampling.batch_size, pad_id=pad_id,
-                               decode_phases=cfg.sampling.decode_phases)
+                               decode_phases=cfg.sampling.decode_phases, layout=cfg.sampling.layout)
         self.score_fn = scoring.logps_fn(model_cfg, mesh, cfg.train.vocab_chunk, self.rows)
         self.pair_fn = scoring.logps_fn(model_cfg, mesh, cfg.train.vocab_chunk, self.rows, group=2)
 
     def place(self, params):
-        return self.sampler.place(params)
+        """Params in the scoring layout (the sampler takes its own copy in the decode layout)."""
+        return transformer.shard_params(params, self.model_cfg, self.mesh)
 
     def logps(self, params, prompts: list[list[int]], responses: list[list[int]], progress: bool,
               desc: str) -> np.ndarray:
@@ -205,8 +207,8 @@ class Programs:
 def sample(progs: Programs, params, tok, rows: list[dict], sp, seed: int, progress: bool, desc: str) -> list[dict]:
     """The model's responses to the rows' prompts: [{"text", "n_tokens", "finish_reason"}]."""
     update, bar = progress_bar(len(rows), desc=desc, disable=not progress)
-    out = progs.sampler.generate(params, [tokenize.prompt_ids(tok, r["prompt"]) for r in rows], sp, seed=seed,
-                                 progress=update)
+    prompts = [tokenize.prompt_ids(tok, r["prompt"]) for r in rows]
+    out = progs.sampler.generate(progs.sampler.place(params), prompts, sp, seed=seed, progress=update)
     bar.close()
     return [{"text": smp.text(tok), "n_tokens": smp.n_tokens, "finish_reason": smp.finish_reason} for smp in out]
 

@@ -97,7 +97,7 @@ def _generate(cfg: Config, t: int, model, progress: bool) -> str:
         s = cfg.sampling
         sp = SamplingParams.from_config(s, tok)
         sampler = Sampler(model.cfg, mesh, batch_size=s.batch_size, pad_id=tok.pad_token_id or 0,
-                          decode_phases=s.decode_phases, param_shapes=model.params)
+                          decode_phases=s.decode_phases, param_shapes=model.params, layout=s.layout)
         params = sampler.place(model.params)
         mhash = model_hash(model.source)
         left = sum(len(c_ids) for _, c_ids in pending)

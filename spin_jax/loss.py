@@ -14,7 +14,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from spin_jax.sharding import constrain
+
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+LOGITS = ("batch", "length", "vocab")  # a [B, T, V] block of logits (sharding.RULES lays it out)
 
 
 def softcap(x, cap):
@@ -33,6 +36,7 @@ def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = 
     cap: soft-cap the logits first (`softcap`)."""
     b, t, _ = hidden.shape
     v = w_out.shape[1]
+    hidden = constrain(hidden, ("batch", "length", "act_embed"))
     if vocab_chunk <= 0 or vocab_chunk >= v:
         return _token_logps(hidden, w_out, labels, cap)
     n = -(-v // vocab_chunk)
@@ -42,7 +46,8 @@ def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = 
     def body(carry, xs):
         m, s, picked = carry
         w_c, start = xs
-        logits = softcap(jnp.einsum("btd,dv->btv", hidden, w_c, preferred_element_type=jnp.float32), cap)
+        logits = jnp.einsum("btd,dv->btv", hidden, w_c, preferred_element_type=jnp.float32)
+        logits = softcap(constrain(logits, LOGITS), cap)  # rows over the batch axes, the chunk over tensor
         cols = start + jnp.arange(vocab_chunk)
         logits = jnp.where(cols < v, logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))
@@ -68,7 +73,8 @@ def _token_logps(hidden, w_out, labels, cap=None):
 
 
 def _token_logps_fwd(hidden, w_out, labels, cap):
-    logits = softcap(jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32), cap)
+    logits = jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32)
+    logits = softcap(constrain(logits, LOGITS), cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return picked - lse, (hidden, w_out, labels, lse)
@@ -76,7 +82,8 @@ def _token_logps_fwd(hidden, w_out, labels, cap):
 
 def _token_logps_bwd(cap, res, g):
     hidden, w_out, labels, lse = res
-    logits = softcap(jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32), cap)
+    logits = jnp.einsum("btd,dv->btv", hidden, w_out, preferred_element_type=jnp.float32)
+    logits = softcap(constrain(logits, LOGITS), cap)
     d = g[..., None] * (jax.nn.one_hot(labels, w_out.shape[1], dtype=jnp.float32) - jnp.exp(logits - lse[..., None]))
     if cap is not None:
         d = d * softcap_grad(logits, cap)

@@ -25,6 +25,7 @@ masked keys as the kernel does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Callable, Optional
@@ -32,7 +33,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from spin_jax import scoring, sharding, train
+from spin_jax import collectives, scoring, sharding, train
 from spin_jax.config import Config
 from spin_jax.data import tokenize
 from spin_jax.errors import SpinError, UsageError
@@ -50,15 +51,24 @@ class Chip:
     hbm_bytes: float
     peak_bf16_flops: float  # dense bf16 FLOP/s
     hbm_bytes_per_s: float
+    ici_bytes_per_s: float  # what one chip sends per second over all its ICI links (one direction)
     source: str
 
 
-# Per chip, from Google Cloud's TPU system architecture pages (cloud.google.com/tpu/docs/<version>).
+# Per chip, from Google Cloud's TPU pages (cloud.google.com/tpu/docs/<version>). Google gives ICI
+# bandwidth per chip counting both directions; a chip sends at half of it while it receives as much
+# (ring collectives do both), so ici_bytes_per_s is half the page's figure. Google's v4 page gives
+# no per-chip ICI figure: v4's is from the TPU v4 paper (Jouppi et al., ISCA 2023: 6 links of 50 GB/s
+# per direction).
 CHIPS = {
-    "v4": Chip(32 * GiB, 275e12, 1228e9, "cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 275 TFLOP/s bf16, 1228 GB/s"),
-    "v5e": Chip(16 * GiB, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 197 TFLOP/s bf16, 819 GB/s"),
-    "v5p": Chip(95 * 1e9, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p: 95 GB HBM2e, 459 TFLOP/s bf16, 2765 GB/s"),
-    "v6e": Chip(32 * GiB, 918e12, 1640e9, "cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 918 TFLOP/s bf16, 1640 GB/s"),
+    "v4": Chip(32 * GiB, 275e12, 1228e9, 300e9, "cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 275 TFLOP/s bf16, "
+               "1228 GB/s; ICI 6 x 50 GB/s per direction (TPU v4 paper)"),
+    "v5e": Chip(16 * GiB, 197e12, 819e9, 200e9, "cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 197 TFLOP/s bf16, "
+                "819 GB/s, ICI 400 GB/s both directions"),
+    "v5p": Chip(95 * 1e9, 459e12, 2765e9, 600e9, "cloud.google.com/tpu/docs/v5p: 95 GB HBM2e, 459 TFLOP/s bf16, "
+                "2765 GB/s, ICI 1200 GB/s both directions"),
+    "v6e": Chip(32 * GiB, 918e12, 1640e9, 400e9, "cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 918 TFLOP/s bf16, "
+                "1640 GB/s, ICI 800 GB/s both directions"),
 }
 
 # Friendly slice name -> (chip, libtpu topology, chip config, chips per host). v4 and v5p count
@@ -92,6 +102,11 @@ class ProgramPlan:
     hbm_bytes: float  # per chip and call, corrected for loops
     model_flops: float  # 6 N tokens (train) or 2 N tokens (score, sample) per chip and call
     chip: Chip
+    collective_bytes: dict = dataclasses.field(default_factory=dict)  # kind -> buffer bytes per chip and call
+    ici_bytes: float = float("nan")  # bytes one chip sends over ICI per call (ring collectives)
+    largest_collective: str = "-"
+    tokens: int = 0  # sample: tokens generated per call (batch x max_new_tokens), for tokens/s
+    decode_steps: int = 0  # sample: the decode steps of a call
 
     @property
     def peak_bytes(self) -> int:
@@ -103,12 +118,36 @@ class ProgramPlan:
         return self.peak_bytes <= self.chip.hbm_bytes
 
     @property
+    def bounds(self) -> dict:
+        """Seconds per call at each limit: compute, HBM bandwidth, ICI bandwidth."""
+        return {"compute": self.flops / self.chip.peak_bf16_flops, "HBM": self.hbm_bytes / self.chip.hbm_bytes_per_s,
+                "ICI": self.ici_bytes / self.chip.ici_bytes_per_s}
+
+    @property
+    def bound(self) -> str:
+        """Which limit sets the roofline time."""
+        return max(self.bounds.items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -1.0)[0]
+
+    @property
     def roofline_seconds(self) -> float:
-        return max(self.flops / self.chip.peak_bf16_flops, self.hbm_bytes / self.chip.hbm_bytes_per_s)
+        """max(FLOPs / peak, HBM bytes / bandwidth, ICI bytes / ICI bandwidth), nan if any is unknown."""
+        values = list(self.bounds.values())
+        return float("nan") if any(v != v for v in values) else max(values)
 
     @property
     def roofline_mfu(self) -> float:
         return self.model_flops / (self.roofline_seconds * self.chip.peak_bf16_flops)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """sample: tokens per second of one host's program at the roofline."""
+        return self.tokens / self.roofline_seconds
+
+    @property
+    def floor_tokens_per_s(self) -> float:
+        """sample: tokens per second if each decode step only read its arguments (weights and KV
+        cache) once from HBM: the memory-bandwidth floor of decoding."""
+        return self.tokens / (self.decode_steps * self.argument_bytes / self.chip.hbm_bytes_per_s)
 
 
 def topology(name: str):
@@ -147,7 +186,8 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
                                      devices=[d for d in devices if d.process_index == hosts[0]],
                                      num_processes=len(hosts))
     check_batches(cfg, mesh, local)
-    builders = {"train": (train_program, mesh), "score": (score_program, local), "sample": (sample_program, local)}
+    builders = {"train": (train_program, mesh), "score": (score_program, local),
+                "sample": (functools.partial(sample_program, memory_bytes=chip.hbm_bytes), local)}
     out = []
     for name in programs:
         build, program_mesh = builders[name]
@@ -166,9 +206,15 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
         seconds = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         flops, hbm = corrected_cost(program, m.num_layers) if costs else (float("nan"), float("nan"))
-        out.append(ProgramPlan(name, dict(program_mesh.shape), mem.argument_size_in_bytes, mem.output_size_in_bytes,
-                               mem.alias_size_in_bytes, mem.temp_size_in_bytes, seconds, flops, hbm,
-                               program.model_flops / program_mesh.size, chip))
+        # what the program that runs moves between chips, every loop body times its trips
+        found = collectives.collectives(compiled.as_text(), unknown_trips=program.unknown_trips)
+        big = collectives.largest(found)
+        out.append(ProgramPlan(name, program.mesh or dict(program_mesh.shape), mem.argument_size_in_bytes,
+                               mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes, seconds,
+                               flops, hbm,
+                               program.model_flops / program_mesh.size, chip, collectives.totals(found),
+                               sum(c.trips * c.link_bytes for c in found),
+                               collectives.describe(big) if big else "-", program.tokens, program.decode_steps))
         log.info(f"compiled {name} for {slice_name} in {seconds:.0f}s")
     return out
 
@@ -210,6 +256,10 @@ class Program:
     lower: Callable[[], object]  # the program at the model's full depth
     parts: list
     model_flops: float  # 2 N per token forward, 6 N forward + backward (N = the model's parameters)
+    unknown_trips: float = 1.0  # runs of each loop whose count depends on the data (the decode phases)
+    tokens: int = 0  # sample: tokens generated per call
+    decode_steps: int = 0
+    mesh: Optional[dict] = None  # the mesh it runs on when it is not the one it was built for (decode)
 
 
 def corrected_cost(program: Program, num_layers: int) -> tuple[float, float]:
@@ -317,49 +367,58 @@ def score_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     return Program(lambda: lower_at(m.num_layers), [(lower_at, 1)], model_flops)
 
 
-def sample_program(cfg: Config, m: ModelConfig, mesh) -> Program:
+def sample_program(cfg: Config, m: ModelConfig, mesh, memory_bytes: Optional[float] = None) -> Program:
     """One batch of sampling on one host: prefill, then max_new_tokens - 1 decode steps in while
-    loops (each body counted once by the cost analysis, so the cost is prefill + the steps)."""
-    from spin_jax.sampling import Sampler, SamplingParams
+    loops (each body counted once by the cost analysis, so the cost is prefill + the steps). The
+    decode layout is the sampler's (`sampling.decode_mesh`), chosen for the model at full depth
+    and a chip of `memory_bytes`; the cost copies decode in the same layout."""
+    from spin_jax.sampling import Sampler, SamplingParams, decode_windows
 
     s = cfg.sampling
     p, _ = _lengths(cfg)
     length = p + s.max_new_tokens
     sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                         greedy=s.greedy, stop_ids=(0,))
-    row = sharding.batch_sharding(mesh, 2, s.batch_size)
+    full = Sampler(m, mesh, batch_size=s.batch_size, param_shapes=_model_params(cfg, m, mesh), layout=s.layout,
+                   memory_bytes=memory_bytes)
+    layout = full.layout
 
     def inputs(layers: int, unroll: bool = False):
         mc = _at_depth(m, layers, unroll)
-        params = _model_params(cfg, mc, mesh)
-        sampler = Sampler(mc, mesh, batch_size=s.batch_size, decode_phases=s.decode_phases, param_shapes=params)
+        sampler = Sampler(mc, mesh, batch_size=s.batch_size, decode_phases=s.decode_phases,
+                          param_shapes=_model_params(cfg, mc, mesh), layout=layout)
         cache_sh = sampler.cache_shardings(length)
         cache = sharding.abstract(jax.eval_shape(lambda: cache_lib.init_cache(mc, s.batch_size, length)), cache_sh)
-        return mc, sampler, params, cache, cache_sh
+        return mc, sampler, cache, cache_sh, sharding.batch_sharding(sampler.mesh, 2, s.batch_size)
 
     def whole(layers: int):
-        mc, sampler, params, cache, _ = inputs(layers)
-        rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+        mc, sampler, cache, _, row = inputs(layers)
+        rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(sampler.mesh))
         tokens = jax.ShapeDtypeStruct((s.batch_size, p), jnp.int32, sharding=row)
         valid = jax.ShapeDtypeStruct((s.batch_size, p), jnp.bool_, sharding=row)
-        return sampler.program(sp).lower(params, cache, tokens, valid, rng)
+        return sampler.program(sp).lower(sampler.param_shapes, cache, tokens, valid, rng)
 
     def step(layers: int, t: int, unroll: bool = False):  # the prefill (t = p) or a decode step (t = 1)
-        mc, sampler, params, cache, cache_sh = inputs(layers, unroll)
+        mc, sampler, cache, cache_sh, row = inputs(layers, unroll)
         shape = jax.ShapeDtypeStruct((s.batch_size, t), jnp.int32, sharding=row)
         ok = jax.ShapeDtypeStruct((s.batch_size, t), jnp.bool_, sharding=row)
 
-        def run(prm, c, tok, pos, v):
-            logits, c = transformer.forward(prm, mc, tok, pos, v, cache=c)
-            return logits[:, -1], c
+        def run(prm, c, tok, pos, v):  # as sample_batch: logits of the last position only
+            hidden, c = transformer.forward_hidden(prm, mc, tok, pos, v, cache=c)
+            return transformer.logits_from_hidden(prm, mc, hidden[:, -1]), c
 
-        return jax.jit(run, in_shardings=(sampler.param_sharding, cache_sh, row, row, row),
-                       donate_argnums=(1,)).lower(params, cache, shape, shape, ok)
+        return jax.jit(sharding.traced_on(sampler.mesh, run),
+                       in_shardings=(sampler.param_sharding, cache_sh, row, row, row),
+                       donate_argnums=(1,)).lower(sampler.param_shapes, cache, shape, shape, ok)
 
     parts = [(lambda n, unroll: step(n, p, unroll), 1), (lambda n, unroll: step(n, 1, unroll), s.max_new_tokens - 1)]
     layer_params, head = matmul_params(m)
     model_flops = 2 * s.batch_size * (layer_params * (p + s.max_new_tokens) + head * s.max_new_tokens)
-    return Program(lambda: whole(m.num_layers), parts, model_flops)
+    steps = s.max_new_tokens - 1  # decode steps, run by one while loop per phase
+    loops = len(decode_windows(p, length, s.decode_phases))
+    return Program(lambda: whole(m.num_layers), parts, model_flops, unknown_trips=steps / loops,
+                   tokens=s.batch_size * s.max_new_tokens, decode_steps=max(steps, 1),
+                   mesh={"layout": layout, **dict(full.mesh.shape)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,18 +450,30 @@ def advice(p: ProgramPlan, cfg: Config) -> str:
 def format_plan(plans: list[ProgramPlan], slice_name: str, kind: str) -> str:
     chip = plans[0].chip
     lines = [f"plan for {slice_name} ({kind}: {chip.hbm_bytes / 1e9:.1f} GB HBM, "
-             f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s per chip; "
-             f"{chip.source})",
+             f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM, "
+             f"{chip.ici_bytes_per_s / 1e9:.0f} GB/s ICI sent per chip; {chip.source})",
              f"{'program':<8}{'mesh':<34}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'peak':>8}{'HBM':>7}"
-             f"{'fits':>6}{'compile':>9}{'TFLOP':>9}{'HBM GB':>9}{'roofline':>10}{'MFU':>6}"]
+             f"{'fits':>6}{'compile':>9}{'TFLOP':>9}{'HBM GB':>9}{'ICI GB':>9}{'roofline':>10}{'bound':>8}{'MFU':>6}"]
+    notes = []
     for p in plans:
         gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
         costed = p.flops == p.flops  # NaN when the compiler refused the program, or with --memory-only
-        cost = (f"{p.flops / 1e12:>9.2f}{p.hbm_bytes / 1e9:>9.2f}{p.roofline_seconds:>9.3f}s{p.roofline_mfu:>6.0%}"
-                if costed else f"{'-':>9}{'-':>9}{'-':>10}{'-':>6}")
+        ici = f"{p.ici_bytes / 1e9:>9.2f}" if p.ici_bytes == p.ici_bytes else f"{'-':>9}"
+        cost = (f"{p.flops / 1e12:>9.2f}{p.hbm_bytes / 1e9:>9.2f}{ici}{p.roofline_seconds:>9.3f}s{p.bound:>8}"
+                f"{p.roofline_mfu:>6.0%}" if costed else f"{'-':>9}{'-':>9}{ici}{'-':>10}{'-':>8}{'-':>6}")
         lines.append(f"{p.name:<8}{str(p.mesh):<34}{gb(p.argument_bytes):>8}{gb(p.output_bytes):>8}"
                      f"{gb(p.alias_bytes):>8}{gb(p.temp_bytes):>8}{gb(p.peak_bytes):>8}{gb(chip.hbm_bytes):>7}"
                      f"{'yes' if p.fits else 'NO':>6}{p.compile_seconds:>8.0f}s{cost}")
-    lines.append("per chip and call; FLOPs and HBM bytes corrected for loop bodies; roofline = max(FLOPs / peak, "
-                 "bytes / bandwidth): an estimate from the TPU compiler's figures, not a measurement on a TPU")
+        if p.collective_bytes:
+            kinds = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in p.collective_bytes.items() if v) or "none"
+            notes.append(f"{p.name}: collectives per chip and call (GB): {kinds}; largest: {p.largest_collective}")
+        if p.name == "sample" and costed and p.tokens:
+            notes.append(f"sample: {p.decode_tokens_per_s:,.0f} tokens/s per host at the roofline; "
+                         f"{p.floor_tokens_per_s:,.0f} tokens/s at the HBM floor (weights and KV cache read once "
+                         "per decode step)")
+    lines += notes
+    lines.append("per chip and call; FLOPs and HBM bytes corrected for loop bodies, collectives read from the compiled "
+                 "program with each loop body times its trips; roofline = max(FLOPs / peak, HBM bytes / bandwidth, "
+                 "ICI bytes / ICI bandwidth), bound = the limit that sets it: an estimate from the TPU compiler's "
+                 "figures, not a measurement on a TPU")
     return "\n".join(lines)

@@ -4,6 +4,11 @@
 fixed (batch, power-of-two prompt length) buckets, and runs `sample_batch` under `jax.jit` with
 explicit shardings; the KV cache buffer is donated and reused between calls of the same bucket.
 
+The sampler decodes in a layout of its own, chosen once per `Sampler` (`decode_mesh`): the weights
+in the compute dtype, tensor-parallel over the host's chips along heads, kv heads, MLP and vocab
+(the KV cache split along kv heads), or replicated with the batch split when the kv heads do not
+divide. No weight is gathered inside the decode loop, as it would be in the training (FSDP) layout.
+
 Each sampled token's log-prob is returned under the model at temperature 1 with no top-k/top-p
 masking. When sampling itself uses temperature 1, top_p 1 and top_k 0 (SPIN's setting), this is
 exactly log p_opponent(token | prefix), so the opponent's summed log-prob of its own response comes
@@ -25,8 +30,9 @@ from flax import struct
 
 from spin_jax import sharding
 from spin_jax.data import tokenize
+from spin_jax.errors import UsageError
 from spin_jax.model import cache as cache_lib
-from spin_jax.model import transformer
+from spin_jax.model import quant, transformer
 from spin_jax.model.cache import KVCache
 from spin_jax.model.config import ModelConfig
 
@@ -202,25 +208,106 @@ def masked_logits(logits, sp: SamplingParams):
     return logits
 
 
+def decode_mesh(cfg: ModelConfig, mesh, layout: str = "auto", weight_bytes: float = 0.0,
+                memory_bytes: Optional[float] = None):
+    """The mesh the sampler decodes on, over `mesh`'s devices (one host's), by `layout`:
+        tensor      data n/t x tensor t, t the most of the n chips that divides the kv heads: each
+                    chip holds 1/t of every layer's heads, kv heads, MLP and vocab
+        replicated  data n: every chip holds all the weights and decodes its share of the rows
+        train       `mesh` itself (weights split over fsdp: gathered at every decode step)
+        auto        tensor where t > 1 and 1/t of the weights fits, else replicated where they fit,
+                    else train
+    The rule table is the same on every mesh; the decode meshes have no fsdp axis, so nothing is
+    gathered. Fitting means at most DECODE_WEIGHT_SHARE of a chip's memory (`memory_bytes`; None:
+    unknown, e.g. CPU devices, taken as fitting), leaving the rest to the KV cache."""
+    if layout == "train":
+        return mesh
+    devices = list(mesh.devices.flat)
+    n = len(devices)
+    t = max(d for d in range(1, n + 1) if n % d == 0 and cfg.num_kv_heads % d == 0)
+
+    def fits(share: float) -> bool:
+        return memory_bytes is None or weight_bytes * share <= DECODE_WEIGHT_SHARE * memory_bytes
+
+    if layout == "tensor" and t == 1 and n > 1:
+        raise UsageError(f"sampling.layout=tensor: the model's {cfg.num_kv_heads} kv head(s) do not divide over "
+                         f"any number of this host's {n} chips; use sampling.layout=auto or replicated")
+    if layout == "tensor" or (layout == "auto" and t > 1 and fits(1 / t)):
+        return sharding.make_mesh(n // t, 1, t, devices=devices)
+    if layout == "replicated" or fits(1.0):
+        return sharding.make_mesh(n, 1, 1, devices=devices)
+    return mesh
+
+
+# the share of a chip's memory the decode layout's weights may take (the KV cache needs the rest)
+DECODE_WEIGHT_SHARE = 0.6
+
+
+def decode_shapes(cfg: ModelConfig, shapes):
+    """ShapeDtypeStructs of a params tree as the sampler holds it: float weights in the compute
+    dtype, quantized weights (a QLoRA base) as they are."""
+    dtype = jnp.dtype(cfg.dtype)
+
+    def one(x):
+        if quant.is_quantized(x):
+            return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in x.items()}
+        return jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+    return jax.tree.map(one, shapes, is_leaf=quant.is_quantized)
+
+
+def tree_bytes(shapes) -> float:
+    return float(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)))
+
+
+def device_memory(device) -> Optional[float]:
+    """A device's memory in bytes, where the runtime says (GPU, TPU); None on CPU."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # not every backend implements it
+        return None
+    return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
 class Sampler:
-    """Compiled, sharded sampling for one model config on one mesh; one program per prompt bucket."""
+    """Compiled, sharded sampling for one model config on one host's mesh, in the decode layout
+    (`decode_mesh`); one program per prompt bucket."""
 
     def __init__(self, cfg: ModelConfig, mesh=None, batch_size: int = 16, pad_id: int = 0,
                  min_prompt_bucket: int = 16, max_prompt_len: Optional[int] = None, decode_phases: int = 4,
-                 param_shapes=None):
+                 param_shapes=None, layout: str = "auto", memory_bytes: Optional[float] = None):
         """`param_shapes`: the params tree the programs will take when it is not the plain one (a
-        quantized base); arrays or ShapeDtypeStructs."""
+        quantized base); arrays or ShapeDtypeStructs. `layout`: sampling.layout (`decode_mesh`);
+        `memory_bytes`: a chip's memory (default: what the runtime reports)."""
         self.cfg, self.batch_size, self.pad_id = cfg, batch_size, pad_id
         self.decode_phases = decode_phases  # each phase is one more compiled copy of the decode step
-        self.mesh = mesh or sharding.make_mesh()
+        train_mesh = mesh or sharding.make_mesh()
+        shapes = decode_shapes(cfg, transformer.param_shapes(cfg) if param_shapes is None else param_shapes)
+        if memory_bytes is None:
+            memory_bytes = device_memory(train_mesh.devices.flat[0])
+        self.mesh = decode_mesh(cfg, train_mesh, layout, tree_bytes(shapes), memory_bytes)
+        self.layout = ("train" if self.mesh is train_mesh else
+                       "tensor" if self.mesh.shape["tensor"] > 1 else "replicated")
         self.min_bucket, self.max_prompt_len = min_prompt_bucket, max_prompt_len
-        self.param_sharding = transformer.param_shardings(cfg, self.mesh, param_shapes)
+        self.param_sharding = transformer.param_shardings(cfg, self.mesh, shapes)
+        self.param_shapes = sharding.abstract(shapes, self.param_sharding)  # the programs' params argument
         self._caches: dict[tuple, KVCache] = {}
         self.compiled_programs: set[tuple] = set()
 
     def place(self, params):
-        """Params (numpy or jax) on this sampler's mesh."""
-        return transformer.shard_params(params, self.cfg, self.mesh)
+        """Params (numpy or jax, in any layout) in the decode layout: float weights cast to the
+        compute dtype, on the decode mesh. Done once per generate; the forward's per-layer casts
+        are then no-ops, so the results equal those of the training layout."""
+        dtype = jnp.dtype(self.cfg.dtype)
+
+        def put(x, sh):
+            if quant.is_quantized(x):
+                return {k: jax.device_put(v, sh[k]) for k, v in x.items()}
+            floating = jnp.issubdtype(x.dtype, jnp.floating)
+            if not isinstance(x, jax.Array):
+                return jax.device_put(np.asarray(x).astype(dtype) if floating else np.asarray(x), sh)
+            x = jax.device_put(x, sh)
+            return x.astype(dtype) if floating else x
+        return jax.tree.map(put, params, self.param_sharding, is_leaf=quant.is_quantized)
 
     def generate(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams, seed: int = 0,
                  progress=None) -> list[Sample]:
@@ -273,7 +360,7 @@ class Sampler:
         vec = sharding.batch_sharding(self.mesh, 1, b)
         cache_sh = self.cache_shardings(16)  # the specs do not depend on the length
         fn = functools.partial(sample_batch, cfg=self.cfg, sp=sp, pad_id=self.pad_id, phases=self.decode_phases)
-        return jax.jit(lambda p, c, t, v, r: fn(p, cache=c, prompt=t, valid=v, rng=r),
+        return jax.jit(sharding.traced_on(self.mesh, lambda p, c, t, v, r: fn(p, cache=c, prompt=t, valid=v, rng=r)),
                        in_shardings=(self.param_sharding, cache_sh, row, row, sharding.replicated(self.mesh)),
                        out_shardings=(row, row, vec, vec, cache_sh), donate_argnums=(1,))
 

@@ -17,7 +17,7 @@ from spin_jax import loss as loss_lib
 from spin_jax import sharding
 from spin_jax.data import tokenize
 from spin_jax.data.tokenize import SpinBatch
-from spin_jax.model import attention, transformer
+from spin_jax.model import transformer
 
 
 def batch_logps(params, cfg, batch: SpinBatch, vocab_chunk: int = 0):
@@ -53,7 +53,7 @@ def logps_fn(cfg, mesh, vocab_chunk: int, rows: int, group: int = 1):
     """jit(batch_logps) with the params sharded by the rule table and grouped batches of `rows`
     responses (`group` per prompt) over (data, fsdp): `score`, the opponent's stored log-probs
     (group 2) and `evaluate` all score through it."""
-    return jax.jit(attention.traced_on(mesh, lambda p, b: batch_logps(p, cfg, b, vocab_chunk)),
+    return jax.jit(sharding.traced_on(mesh, lambda p, b: batch_logps(p, cfg, b, vocab_chunk)),
                    in_shardings=(transformer.param_shardings(cfg, mesh), grouped_shardings(mesh, rows, group)),
                    out_shardings=sharding.batch_sharding(mesh, 1, rows))
 

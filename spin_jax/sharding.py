@@ -1,12 +1,22 @@
-"""Device mesh, logical-axis rules, and multi-host start-up.
+"""Device mesh, logical-axis rules, activation layouts, and multi-host start-up.
 
-The model annotates every weight with logical axes (`spin_jax.model.transformer.param_axes`); this file
-maps them onto a ("data", "fsdp", "tensor") mesh with one rule table. A dimension that the mesh
-axes do not divide is replicated instead (e.g. SmolLM2's 9 heads over tensor=2).
+The model annotates every weight with logical axes (`spin_jax.model.transformer.param_axes`) and
+constrains its activations at the points that decide their layout (`constrain`); this file maps
+both onto a ("data", "fsdp", "tensor") mesh with one rule table. A dimension that the mesh axes do
+not divide is replicated instead (e.g. SmolLM2's 9 heads over tensor=2).
+
+Weights and activations differ in one axis: a weight's `embed` is split over fsdp (gathered per
+layer when used), an activation's (`act_embed`) is whole, its rows split over (data, fsdp)
+instead. So a train step is FSDP by construction: each chip computes its own rows with weights
+all-gathered in the compute dtype, and gradients are reduce-scattered. The sampler decodes on a
+mesh of its own (`spin_jax.sampling.decode_mesh`): the same rules with fsdp = 1, so weights are
+split over tensor only and never gathered inside the decode loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -19,9 +29,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes (None = replicated)
 RULES: dict[str, tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp"),  # rows of inputs, activations and the KV cache
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp",),  # a weight's hidden axis
+    "act_embed": None,  # an activation's hidden axis
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
@@ -110,6 +121,48 @@ def abstract(shapes, shardings):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+_MESH: contextvars.ContextVar = contextvars.ContextVar("spin_jax_mesh", default=None)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+    """Name the mesh a program's arrays live on while it traces: `constrain` lays activations out
+    on it, and the attention kernel runs under shard_map on it (Mosaic calls cannot be partitioned
+    automatically). Without one (a single device), both do nothing special."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def current_mesh():
+    """The mesh named by the enclosing `on_mesh`, or None."""
+    return _MESH.get()
+
+
+def traced_on(mesh, fn):
+    """`fn` tracing inside `on_mesh(mesh)` (wrap a function before jax.jit; it keeps fn's name,
+    which names the compiled program and its cache entry)."""
+    def traced(*args, **kw):
+        with on_mesh(mesh):
+            return fn(*args, **kw)
+    traced.__name__ = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "traced")
+    return traced
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """x laid out by its logical `axes` on the mesh of the enclosing `on_mesh` (a sharding
+    constraint: XLA keeps that layout there and plans its collectives around it); x itself outside
+    one or on one device."""
+    mesh = _MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"constrain: {len(axes)} axes {tuple(axes)} for an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
 
 
 _DISTRIBUTED = {"initialized": False}

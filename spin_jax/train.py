@@ -39,7 +39,7 @@ from spin_jax import rundir, scoring, sharding
 from spin_jax.config import TrainSection
 from spin_jax.data.tokenize import SpinBatch
 from spin_jax.errors import Preempted, TooManySkipped
-from spin_jax.model import attention, lora, transformer
+from spin_jax.model import lora, transformer
 from spin_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes
     in_step = tcfg.opponent_logps == "in_step"
     opponent_sh = state_sh.params if in_step and base_shapes is None else None
     base_sh = () if base_shapes is None else (transformer.param_shardings(cfg, mesh, base_shapes),)
-    fn = attention.traced_on(mesh, functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx))
+    fn = sharding.traced_on(mesh, functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx))
     return jax.jit(fn, in_shardings=(state_sh, opponent_sh, batch_shardings(mesh, with_logps=not in_step)) + base_sh,
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
                    compiler_options=compiler_options(mesh))

@@ -18,7 +18,7 @@ LAYERS = [
     ("drivers", {"iterate", "evaluate", "report", "plan"}),
     ("steps", {"sampling", "train", "scoring", "data.*"}),
     ("core", {"model.*", "loss", "io.*"}),
-    ("base", {"sharding", "rundir", "logs", "errors"}),
+    ("base", {"sharding", "collectives", "rundir", "logs", "errors"}),
     ("config", {"config", "__init__"}),
 ]
 

@@ -111,15 +111,18 @@ def test_same_seed_same_output_and_logps_equal_scoring(tiny):
     np.testing.assert_allclose([s.logp for s in a], ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1)])
-def test_greedy_on_8_device_mesh_equals_one_device(shape):
+@pytest.mark.parametrize("shape,layout", [((2, 2, 2), "auto"), ((8, 1, 1), "auto"), ((1, 8, 1), "tensor"),
+                                          ((1, 8, 1), "replicated"), ((2, 2, 2), "train")])
+def test_greedy_on_8_device_mesh_equals_one_device(shape, layout):
+    """In every decode layout (auto: tensor-parallel over 2 devices, the 2 kv heads; the batch over 4)."""
     cfg = tiny_config("qwen2", vocab_size=64, num_heads=4, num_kv_heads=2)
     params = transformer.init_params(cfg, jax.random.key(1))
     params["embed"] = params["embed"] * 30
     prompts = [list(range(1, 2 + i % 7)) for i in range(8)]
     sp = SamplingParams(max_new_tokens=10, greedy=True, stop_ids=(0,))
     one = Sampler(cfg, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), batch_size=8)
-    many = Sampler(cfg, sharding.make_mesh(*shape), batch_size=8)
+    many = Sampler(cfg, sharding.make_mesh(*shape), batch_size=8, layout=layout)
+    assert many.layout == {"auto": "tensor"}.get(layout, layout)
     a = one.generate(one.place(params), prompts, sp)
     b = many.generate(many.place(params), prompts, sp)
     assert [s.tokens for s in a] == [s.tokens for s in b]

@@ -12,8 +12,6 @@ kernel (`spin_jax.model.kernels`) by `model.attention`; decoding through the KV 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import jax
@@ -21,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from spin_jax import loss
+from spin_jax import loss, sharding
 
 
 def attention_mask(window, q_slot, q_pos, k_slot, k_pos, k_valid):
@@ -47,31 +45,6 @@ def pick(pair, local):
     return pair[0] if pair[0] is pair[1] else jax.tree.map(lambda g, l: jnp.where(local, l, g), pair[0], pair[1])
 
 
-_MESH: contextvars.ContextVar = contextvars.ContextVar("spin_jax_attention_mesh", default=None)
-
-
-@contextlib.contextmanager
-def on_mesh(mesh):
-    """Name the mesh a program's arrays live on while it traces, for the kernel path: Mosaic calls
-    cannot be partitioned automatically, so the kernel runs under shard_map on this mesh. The
-    jitted train step and scoring program trace inside it; the XLA path ignores it."""
-    token = _MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
-
-
-def traced_on(mesh, fn):
-    """`fn` tracing inside `on_mesh(mesh)` (wrap a function before jax.jit; it keeps fn's name,
-    which names the compiled program and its cache entry)."""
-    def traced(*args, **kw):
-        with on_mesh(mesh):
-            return fn(*args, **kw)
-    traced.__name__ = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "traced")
-    return traced
-
-
 def implementation(cfg) -> str:
     """"xla", "splash" or "splash-interpret": cfg.attention, with "auto" resolved for this
     process's backend (the kernel on TPU)."""
@@ -93,7 +66,7 @@ def causal(cfg, q, kt, v, masks, offset: int, q_valid, k_valid, local=False):
     def run(window):
         return lambda q, k, v: kernels.causal_attention(
             q, k, v, q_valid, k_valid, offset=offset, window=window, softcap=cfg.attn_softcap,
-            interpret=impl == "splash-interpret", mesh=_MESH.get())
+            interpret=impl == "splash-interpret", mesh=sharding.current_mesh())
 
     args = (q, kt.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3))
     if not cfg.mixed_layers:

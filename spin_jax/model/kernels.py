@@ -22,7 +22,7 @@ The kernel tiles in blocks of KERNEL_BLOCK queries and keys, so rows are padded:
 left up to a multiple of the block before the queries' first slot, and queries and keys on the
 right by the same count. Mosaic calls cannot be partitioned automatically, so on a mesh the
 kernel runs under `jax.shard_map`: rows and heads split by the rule table (`spin_jax.sharding`)
-where the mesh axes divide them (`attention.on_mesh` names the mesh while a program traces).
+where the mesh axes divide them (`sharding.on_mesh` names the mesh while a program traces).
 """
 
 from __future__ import annotations

@@ -39,6 +39,15 @@ from spin_jax.model import quant
 from spin_jax.model.attention import attention, attention_mask, causal, layer_masks, pick
 from spin_jax.model.cache import KVCache
 from spin_jax.model.config import ModelConfig
+from spin_jax.sharding import constrain
+
+# Logical axes of the activations, constrained where their layout is decided (sharding.constrain):
+# rows over (data, fsdp), heads, kv heads and the MLP over tensor, the hidden axis whole.
+HIDDEN = ("batch", "length", "act_embed")  # [B, T, D]: the embeddings, each layer's input and output
+HEADS = ("batch", "length", "heads", "head_dim")  # [B, T, H, E]: queries, attention's output
+KV_HEADS = ("batch", "length", "kv_heads", "head_dim")  # [B, T, K, E]: keys, values
+MLP = ("batch", "length", "mlp")  # [B, T, F]: the MLP's hidden activations
+LOGITS = ("batch", "length", "vocab")  # [B, T, V]
 
 # ----------------------------------------------------------------------------------------------
 # Forwards
@@ -106,30 +115,34 @@ def forward_shared_prefix(params, cfg: ModelConfig, prefix, prefix_positions, pr
     dtype = jnp.dtype(cfg.dtype)
     side = lambda a: a.reshape(n, g * t, *a.shape[2:])  # noqa: E731  [gN, T, ...] -> [N, gT, ...]
     rows = lambda a: a.reshape(g * n, t, *a.shape[2:])  # noqa: E731  [N, gT, ...] -> [gN, T, ...]
-    x = jnp.concatenate([_embed(params, cfg, prefix), side(_embed(params, cfg, tokens))], axis=1)  # [N, P + gT, D]
+    x = constrain(jnp.concatenate([_embed(params, cfg, prefix), side(_embed(params, cfg, tokens))], axis=1),
+                  HIDDEN)  # [N, P + gT, D]: a prompt and its continuations side by side, rows over the batch axes
     ropes = _rope_pair(cfg, jnp.concatenate([prefix_positions, side(positions)], axis=1))
 
     def layer(x, xs):
         lp, local = xs
         lp = _cast(lp, dtype)
-        q, k, v = _qkv(cfg, lp, x, *pick(ropes, local))  # [N, P + gT, heads, E]
+        q, k, v = _qkv(cfg, lp, constrain(x, HIDDEN), *pick(ropes, local))  # [N, P + gT, heads, E]
         kt_p, v_p = _kv_layout(k[:, :p], v[:, :p])
-        kt_c, v_c = _kv_layout(rows(k[:, p:]), rows(v[:, p:]))
+        kt_c, v_c = _kv_layout(constrain(rows(k[:, p:]), KV_HEADS), constrain(rows(v[:, p:]), KV_HEADS))
         attn_p = causal(cfg, q[:, :p], kt_p, v_p, mask_p, 0, prefix_valid, prefix_valid, local)
         kt = jnp.concatenate([rep(kt_p), kt_c], axis=-1)
         v = jnp.concatenate([rep(v_p), v_c], axis=-2)
-        attn_c = causal(cfg, rows(q[:, p:]), kt, v, mask_c, p, valid, k_valid, local)
-        return _attn_out_mlp(cfg, lp, x, jnp.concatenate([attn_p, side(attn_c)], axis=1)), None
+        attn_c = causal(cfg, constrain(rows(q[:, p:]), HEADS), kt, v, mask_c, p, valid, k_valid, local)
+        attn = jnp.concatenate([attn_p, side(constrain(attn_c, HEADS))], axis=1)
+        return constrain(_attn_out_mlp(cfg, lp, x, attn), HIDDEN), None
 
     x, _ = jax.lax.scan(_remat(layer, cfg.remat), x, (params["layers"], _local_flags(cfg)), unroll=_unroll(cfg))
     x = _norm(cfg, x, params["final_norm"].astype(dtype))
-    return x[:, :p], rows(x[:, p:])
+    return constrain(x[:, :p], HIDDEN), constrain(rows(x[:, p:]), HIDDEN)
 
 
 def logits_from_hidden(params, cfg: ModelConfig, hidden):
     """[..., D] hidden states -> [..., V] float32 logits."""
     w = output_embedding(params, cfg).astype(hidden.dtype)  # [D, V]
-    return softcap(jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32), cfg.final_softcap)
+    logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    axes = ("batch",) + ("length",) * (logits.ndim - 2) + ("vocab",)
+    return softcap(constrain(logits, axes), cfg.final_softcap)
 
 
 def output_embedding(params, cfg: ModelConfig):
@@ -153,9 +166,9 @@ def _run_layers(params, cfg: ModelConfig, tokens, positions, attend, kv):
         x, kv = carry
         lp, i, local = xs
         lp = _cast(lp, dtype)
-        q, k, v = _qkv(cfg, lp, x, *pick(ropes, local))
+        q, k, v = _qkv(cfg, lp, constrain(x, HIDDEN), *pick(ropes, local))
         attn, kv = attend(q, *_kv_layout(k, v), kv, i, local)
-        return (_attn_out_mlp(cfg, lp, x, attn), kv), None
+        return (constrain(_attn_out_mlp(cfg, lp, x, constrain(attn, HEADS)), HIDDEN), kv), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (x, kv), _ = jax.lax.scan(_remat(layer, cfg.remat), (x, kv), (params["layers"], layer_ids, _local_flags(cfg)),
@@ -179,6 +192,8 @@ def _cached_attend(cfg: ModelConfig, masks, write, index, window: int):
     def attend(q, kt, v, kv, layer, local):
         ck, cv = kv
         ck, cv, lk, lv = write(ck, cv, layer, kt.astype(ck.dtype), v.astype(cv.dtype), index)
+        lk = constrain(lk, cache_lib.CACHE_AXES.k[1:])  # this layer's keys [B, K, E, S], values [B, K, S, E]
+        lv = constrain(lv, cache_lib.CACHE_AXES.v[1:])
         kt, v = lk[..., :window].astype(dtype), lv[:, :, :window].astype(dtype)
         return attention(q, kt, v, pick(masks, local), cfg.attn_softcap), (ck, cv)
     return attend
@@ -190,7 +205,8 @@ def _qkv(cfg: ModelConfig, lp, x, cos, sin):
     XLA:CPU transpose gradients through slow fused copies)."""
     b, t, d = x.shape
     h = _norm(cfg, x, lp["attn_norm"]).reshape(b * t, d)
-    q, k, v = (_project(cfg, lp, n, h).reshape(b, t, *lp[n].shape[1:]) for n in ("wq", "wk", "wv"))
+    q, k, v = (constrain(_project(cfg, lp, n, h).reshape(b, t, *lp[n].shape[1:]), axes)
+               for n, axes in (("wq", HEADS), ("wk", KV_HEADS), ("wv", KV_HEADS)))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -214,7 +230,8 @@ def _attn_out_mlp(cfg: ModelConfig, lp, x, attn):
     h = _norm(cfg, x, lp["mlp_norm"]).reshape(b * t, -1)  # 2-D matmuls
     gate, up = _project(cfg, lp, "w_gate", h), _project(cfg, lp, "w_up", h)
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    out = _project(cfg, lp, "w_down", act * up).reshape(x.shape)
+    act = constrain((act * up).reshape(b, t, -1), MLP).reshape(b * t, -1)
+    out = _project(cfg, lp, "w_down", act).reshape(x.shape)
     return x + (_norm(cfg, out, lp["post_mlp_norm"]) if cfg.sandwich_norms else out)
 
 
@@ -252,8 +269,9 @@ def project(x2d, w, adapter=None, scale: float = 1.0, dropout: float = 0.0, key_
 def _embed(params, cfg: ModelConfig, tokens):
     """Token embeddings in the compute dtype (Gemma: times sqrt(hidden), rounded to that dtype)."""
     dtype = jnp.dtype(cfg.dtype)
-    x = params["embed"].astype(dtype)[tokens]
-    return x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype) if cfg.embed_scale else x
+    # the table gathered over fsdp like every weight (FSDP), so the lookup needs no whole-batch token ids
+    x = constrain(params["embed"].astype(dtype), ("vocab", None))[tokens]
+    return constrain(x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype) if cfg.embed_scale else x, HIDDEN)
 
 
 def _norm(cfg: ModelConfig, x, w):
