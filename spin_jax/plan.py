@@ -19,7 +19,9 @@ taken from copies of each program with the layer and vocab-chunk loops unrolled,
 (per-layer cost = the difference), scaled to the model's depth, times the trip counts of the
 outer loops: the micro-batches of a train step, the decode steps of sampling (`corrected_cost`);
 those copies run attention on the XLA path, whose blocked causal attention skips about as many
-masked keys as the kernel does.
+masked keys as the kernel does, and are compiled without XLA:TPU's windowed einsum (its loops of
+partial matmuls would be counted once, COST_COMPILER_OPTIONS). Communication is read from the
+program that runs (`spin_jax.collectives`), each loop body times its trips.
 """
 
 from __future__ import annotations
@@ -205,7 +207,8 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
             continue
         seconds = time.perf_counter() - t0
         mem = compiled.memory_analysis()
-        flops, hbm = corrected_cost(program, m.num_layers) if costs else (float("nan"), float("nan"))
+        flops, hbm = (corrected_cost(program, m.num_layers, COST_COMPILER_OPTIONS) if costs
+                      else (float("nan"), float("nan")))
         # what the program that runs moves between chips, every loop body times its trips
         found = collectives.collectives(compiled.as_text(), unknown_trips=program.unknown_trips)
         big = collectives.largest(found)
@@ -262,7 +265,14 @@ class Program:
     mesh: Optional[dict] = None  # the mesh it runs on when it is not the one it was built for (decode)
 
 
-def corrected_cost(program: Program, num_layers: int) -> tuple[float, float]:
+# XLA:TPU turns an all-gather or reduce-scatter feeding a matmul into a loop of collective-permutes
+# and partial matmuls (windowed einsum), whose body the cost analysis counts once: the cost copies
+# are compiled without it, so every matmul is counted (the same partitioning, the same bytes moved).
+COST_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def corrected_cost(program: Program, num_layers: int, compiler_options=None) -> tuple[float, float]:
     """(FLOPs, HBM bytes) per chip of one call at `num_layers` layers, each loop body counted as
     often as it runs. Each part is compiled at 2 and 3 layers with its layer and vocab-chunk loops
     unrolled (ModelConfig.unroll_loops), cost(L) = cost(2) + (L - 2) (cost(3) - cost(2)), times
@@ -270,7 +280,7 @@ def corrected_cost(program: Program, num_layers: int) -> tuple[float, float]:
     differently from deeper ones, so it is not used.)"""
     flops = hbm = 0.0
     for lower_at, trips in program.parts:
-        c2, c3 = (_cost(lower_at(n, unroll=True).compile()) for n in (2, 3))
+        c2, c3 = (_cost(lower_at(n, unroll=True).compile(compiler_options=compiler_options)) for n in (2, 3))
         flops += trips * (c2[0] + (num_layers - 2) * (c3[0] - c2[0]))
         hbm += trips * (c2[1] + (num_layers - 2) * max(c3[1] - c2[1], 0.0))
     return flops, hbm
