@@ -210,7 +210,7 @@ def masked_logits(logits, sp: SamplingParams):
 
 def decode_mesh(cfg: ModelConfig, mesh, layout: str = "auto", weight_bytes: float = 0.0,
                 memory_bytes: Optional[float] = None):
-    """The mesh the sampler decodes on, over `mesh`'s devices (one host's), by `layout`:
+    """(layout chosen, mesh) the sampler decodes on, over `mesh`'s devices (one host's), by `layout`:
         tensor      data n/t x tensor t, t the most of the n chips that divides the kv heads: each
                     chip holds 1/t of every layer's heads, kv heads, MLP and vocab
         replicated  data n: every chip holds all the weights and decodes its share of the rows
@@ -221,7 +221,7 @@ def decode_mesh(cfg: ModelConfig, mesh, layout: str = "auto", weight_bytes: floa
     gathered. Fitting means at most DECODE_WEIGHT_SHARE of a chip's memory (`memory_bytes`; None:
     unknown, e.g. CPU devices, taken as fitting), leaving the rest to the KV cache."""
     if layout == "train":
-        return mesh
+        return "train", mesh
     devices = list(mesh.devices.flat)
     n = len(devices)
     t = max(d for d in range(1, n + 1) if n % d == 0 and cfg.num_kv_heads % d == 0)
@@ -233,10 +233,10 @@ def decode_mesh(cfg: ModelConfig, mesh, layout: str = "auto", weight_bytes: floa
         raise UsageError(f"sampling.layout=tensor: the model's {cfg.num_kv_heads} kv head(s) do not divide over "
                          f"any number of this host's {n} chips; use sampling.layout=auto or replicated")
     if layout == "tensor" or (layout == "auto" and t > 1 and fits(1 / t)):
-        return sharding.make_mesh(n // t, 1, t, devices=devices)
+        return "tensor", sharding.make_mesh(n // t, 1, t, devices=devices)
     if layout == "replicated" or fits(1.0):
-        return sharding.make_mesh(n, 1, 1, devices=devices)
-    return mesh
+        return "replicated", sharding.make_mesh(n, 1, 1, devices=devices)
+    return "train", mesh
 
 
 # the share of a chip's memory the decode layout's weights may take (the KV cache needs the rest)
@@ -284,9 +284,7 @@ class Sampler:
         shapes = decode_shapes(cfg, transformer.param_shapes(cfg) if param_shapes is None else param_shapes)
         if memory_bytes is None:
             memory_bytes = device_memory(train_mesh.devices.flat[0])
-        self.mesh = decode_mesh(cfg, train_mesh, layout, tree_bytes(shapes), memory_bytes)
-        self.layout = ("train" if self.mesh is train_mesh else
-                       "tensor" if self.mesh.shape["tensor"] > 1 else "replicated")
+        self.layout, self.mesh = decode_mesh(cfg, train_mesh, layout, tree_bytes(shapes), memory_bytes)
         self.min_bucket, self.max_prompt_len = min_prompt_bucket, max_prompt_len
         self.param_sharding = transformer.param_shardings(cfg, self.mesh, shapes)
         self.param_shapes = sharding.abstract(shapes, self.param_sharding)  # the programs' params argument

@@ -78,15 +78,18 @@ def test_decode_mesh_by_layout_shapes_and_memory():
     train = sharding.make_mesh(1, 8, 1, devices=devices)
     four = tiny_config("llama", num_heads=8, num_kv_heads=4)
     one = tiny_config("llama", num_heads=4, num_kv_heads=1)  # Gemma 3 270M's single kv head
-    shape = lambda mesh: tuple(mesh.shape[a] for a in sharding.MESH_AXES)  # noqa: E731
-    assert shape(decode_mesh(four, train, "auto")) == (2, 1, 4)
-    assert shape(decode_mesh(one, train, "auto")) == (8, 1, 1)  # tensor cannot divide: replicated
-    assert decode_mesh(four, train, "train") is train
-    assert shape(decode_mesh(four, train, "replicated")) == (8, 1, 1)
+    def shape(chosen):
+        name, mesh = chosen
+        return name, tuple(mesh.shape[a] for a in sharding.MESH_AXES)
+
+    assert shape(decode_mesh(four, train, "auto")) == ("tensor", (2, 1, 4))
+    assert shape(decode_mesh(one, train, "auto")) == ("replicated", (8, 1, 1))  # tensor cannot divide
+    assert decode_mesh(four, train, "train") == ("train", train)
+    assert shape(decode_mesh(four, train, "replicated")) == ("replicated", (8, 1, 1))
     # 10 GB of weights on 16 GB chips: a quarter fits under tensor parallelism; replicated does not
-    assert shape(decode_mesh(four, train, "auto", 10e9, 16e9)) == (2, 1, 4)
-    assert shape(decode_mesh(one, train, "auto", 10e9, 16e9)) == (1, 8, 1)  # neither fits: as in training
-    assert shape(decode_mesh(one, train, "auto", 1e9, 16e9)) == (8, 1, 1)
+    assert shape(decode_mesh(four, train, "auto", 10e9, 16e9)) == ("tensor", (2, 1, 4))
+    assert shape(decode_mesh(one, train, "auto", 10e9, 16e9)) == ("train", (1, 8, 1))  # neither fits
+    assert shape(decode_mesh(one, train, "auto", 1e9, 16e9)) == ("replicated", (8, 1, 1))
     with pytest.raises(UsageError, match="sampling.layout=tensor"):
         decode_mesh(one, train, "tensor")
 
