@@ -1,6 +1,7 @@
 """Compiled programs on this machine's 8 CPU devices and what they move between devices (helpers
 for tests/test_layouts.py and tests/test_plan.py)."""
 
+import functools
 import json
 import math
 import os
@@ -63,8 +64,10 @@ def weight_bytes(m: ModelConfig, dtype_bytes: int, lora_rank: int = 0) -> float:
     return float(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))) * dtype_bytes
 
 
-def found(program: str, mesh_shape, overrides=()):
-    """(collectives of the compiled program, its Program, config, model config)."""
+@functools.lru_cache(maxsize=None)
+def found(program: str, mesh_shape: tuple, overrides: tuple = ()):
+    """(collectives of the compiled program, its Program, config, model config), compiled once per
+    test session."""
     prog, text, cfg, m = compiled(program, mesh_shape, overrides)
     return collectives.collectives(text, unknown_trips=prog.unknown_trips), prog, cfg, m
 
