@@ -193,11 +193,11 @@ def _group_size(attrs: str) -> int:
     return 1
 
 
-def _known_trips(attrs: str, comps=None, condition=None):
+def _known_trips(attrs: str, comps, condition):
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
     if m:
         return int(m.group(1))
-    if comps is None or condition not in comps:
+    if condition not in comps:
         return None
     insts = {i["name"]: i for i in comps[condition]}
     root = next((i for i in comps[condition] if i["root"]), None)

@@ -216,7 +216,7 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
                                mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes, seconds,
                                flops, hbm,
                                program.model_flops / program_mesh.size, chip, collectives.totals(found),
-                               sum(c.trips * c.link_bytes for c in found),
+                               sum(collectives.totals(found, link=True).values()),
                                collectives.describe(big) if big else "-", program.tokens, program.decode_steps))
         log.info(f"compiled {name} for {slice_name} in {seconds:.0f}s")
     return out

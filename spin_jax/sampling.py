@@ -295,17 +295,7 @@ class Sampler:
         """Params (numpy or jax, in any layout) in the decode layout: float weights cast to the
         compute dtype, on the decode mesh. Done once per generate; the forward's per-layer casts
         are then no-ops, so the results equal those of the training layout."""
-        dtype = jnp.dtype(self.cfg.dtype)
-
-        def put(x, sh):
-            if quant.is_quantized(x):
-                return {k: jax.device_put(v, sh[k]) for k, v in x.items()}
-            floating = jnp.issubdtype(x.dtype, jnp.floating)
-            if not isinstance(x, jax.Array):
-                return jax.device_put(np.asarray(x).astype(dtype) if floating else np.asarray(x), sh)
-            x = jax.device_put(x, sh)
-            return x.astype(dtype) if floating else x
-        return jax.tree.map(put, params, self.param_sharding, is_leaf=quant.is_quantized)
+        return transformer.shard_params(params, self.cfg, self.mesh, dtype=jnp.dtype(self.cfg.dtype))
 
     def generate(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams, seed: int = 0,
                  progress=None) -> list[Sample]:

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from spin_jax import sharding
-from spin_jax.loss import softcap
+from spin_jax.loss import LOGITS, softcap
 from spin_jax.model import cache as cache_lib
 from spin_jax.model import quant
 from spin_jax.model.attention import attention, attention_mask, causal, layer_masks, pick
@@ -47,7 +47,6 @@ HIDDEN = ("batch", "length", "act_embed")  # [B, T, D]: the embeddings, each lay
 HEADS = ("batch", "length", "heads", "head_dim")  # [B, T, H, E]: queries, attention's output
 KV_HEADS = ("batch", "length", "kv_heads", "head_dim")  # [B, T, K, E]: keys, values
 MLP = ("batch", "length", "mlp")  # [B, T, F]: the MLP's hidden activations
-LOGITS = ("batch", "length", "vocab")  # [B, T, V]
 
 # ----------------------------------------------------------------------------------------------
 # Forwards
@@ -141,7 +140,7 @@ def logits_from_hidden(params, cfg: ModelConfig, hidden):
     """[..., D] hidden states -> [..., V] float32 logits."""
     w = output_embedding(params, cfg).astype(hidden.dtype)  # [D, V]
     logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
-    axes = ("batch",) + ("length",) * (logits.ndim - 2) + ("vocab",)
+    axes = LOGITS if logits.ndim == 3 else (LOGITS[0], LOGITS[-1])  # [B, T, V] or a step's [B, V]
     return softcap(constrain(logits, axes), cfg.final_softcap)
 
 
@@ -435,15 +434,22 @@ def param_shardings(cfg: ModelConfig, mesh, shapes=None):
     return sharding.tree_shardings(tree_axes(cfg, shapes), shapes, mesh)
 
 
-def shard_params(params, cfg: ModelConfig, mesh):
-    """Place a params pytree (numpy or jax) on the mesh by the rule table, float weights as
-    cfg.param_dtype (a quantized weight's arrays keep their dtypes)."""
+def shard_params(params, cfg: ModelConfig, mesh, dtype=None):
+    """Place a params pytree (numpy or jax) on the mesh by the rule table (a quantized weight's
+    arrays keep their dtypes). Without `dtype`, numpy weights become cfg.param_dtype and arrays on
+    devices keep theirs; with it, every float weight becomes `dtype` (the sampler's compute dtype)."""
     shardings = param_shardings(cfg, mesh, params)
 
     def put(x, s):
         if quant.is_quantized(x):
             return {k: jax.device_put(v, s[k]) for k, v in x.items()}
-        return jax.device_put(np.asarray(x, dtype=cfg.param_dtype) if not isinstance(x, jax.Array) else x, s)
+        if dtype is None:
+            return jax.device_put(np.asarray(x, dtype=cfg.param_dtype) if not isinstance(x, jax.Array) else x, s)
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        if not isinstance(x, jax.Array):  # cast on the host: less to transfer
+            return jax.device_put(np.asarray(x).astype(dtype) if floating else np.asarray(x), s)
+        x = jax.device_put(x, s)
+        return x.astype(dtype) if floating else x
     return jax.tree.map(put, params, shardings, is_leaf=quant.is_quantized)
 
 
