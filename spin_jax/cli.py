@@ -1,4 +1,4 @@
-"""`spin-jax` command line: score, sample, generate, train, spin, evaluate, report, export."""
+"""`spin-jax` command line: score, sample, generate, train, spin, evaluate, benchmark, report, export."""
 
 from __future__ import annotations
 
@@ -129,6 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(s)
     s.add_argument("--iter", type=int, required=True, help="evaluates runs/<run>/iter<t>/model against θt")
     s.set_defaults(func=cmd_evaluate)
+    s = sub.add_parser("benchmark", help="lm-evaluation-harness tasks on spin_jax's programs: a model, or θ0 .. θ(t+1) "
+                                         "of a run (-> runs/<run>/benchmarks.jsonl)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help=MODEL_HELP + "; writes lm-eval's results JSON to --output")
+    g.add_argument("--config", help="a run's config: scores its base model and iterations 0 .. --iter")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override a value")
+    s.add_argument("--iter", type=int, default=None, help="with --config: the last iteration to score")
+    s.add_argument("--tasks", required=True,
+                   help="comma-separated lm-eval tasks or groups, or a preset: open_llm (the SPIN paper's six, "
+                        "with their shots), spin_local (small offline tasks that ship with spin_jax)")
+    s.add_argument("--num-fewshot", type=int, default=None,
+                   help="shots for every task (default: the preset's or the task's own)")
+    s.add_argument("--limit", type=float, default=None,
+                   help="at most this many documents per task (a fraction if < 1): for a quick look, not a score")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="rows per scoring and sampling batch (default: 8, or twice the config's sampling.batch_size)")
+    s.add_argument("--max-length", type=int, default=None,
+                   help="the model's context in tokens (default: its max_position_embeddings); longer requests are "
+                        "cut from the left")
+    s.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAML files (repeatable)")
+    s.add_argument("--apply-chat-template", action="store_true", help="wrap each request in the model's chat template")
+    s.add_argument("--log-samples", action="store_true", help="also write every request's prompt and answers")
+    s.add_argument("--output", default=None, help="with --model: lm-eval's results JSON (as lm_eval --output_path)")
+    s.add_argument("--dtype", default=None, help="with --model: compute dtype (default: float32)")
+    s.add_argument("--chat-template", default=None, help="with --model: " + TEMPLATE_HELP)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_benchmark)
     s = sub.add_parser("report", help="a Markdown report with plots of a run directory")
     s.add_argument("--run", default=None,
                    help="the run directory, e.g. runs/smollm2_sharegpt (default: the --config's runs_dir/run_name)")
@@ -200,6 +228,34 @@ def cmd_evaluate(args) -> None:
     from spin_jax import evaluate
 
     evaluate.evaluate(_load_config(args), args.iter, progress=not args.no_progress)
+
+
+def cmd_benchmark(args) -> None:
+    from spin_jax import benchmark
+
+    tasks = benchmark.parse_tasks(args.tasks, args.num_fewshot)
+    problems = [msg for bad, msg in (
+        (args.limit is not None and args.limit <= 0, f"--limit {args.limit}: must be > 0"),
+        (args.batch_size is not None and args.batch_size < 1, f"--batch-size {args.batch_size}: must be >= 1"),
+        (args.max_length is not None and args.max_length < 2, f"--max-length {args.max_length}: must be >= 2"),
+        (bool(args.model) and not args.output, "--model needs --output OUT.json (lm-eval's results JSON)"),
+        (bool(args.model) and args.iter is not None, "--iter goes with --config (a run), not --model"),
+        (bool(args.config) and args.iter is None, "--config needs --iter t (scores θ0 .. θ(t+1))"),
+        (bool(args.config) and bool(args.output or args.dtype or args.chat_template),
+         "--output, --dtype and --chat-template go with --model; a run's results go to runs/<run>/benchmarks.jsonl "
+         "and its models load as its config says"),
+        (bool(args.model) and bool(args.set), "--set goes with --config")) if bad]
+    if problems:
+        raise UsageError("; ".join(problems))
+    limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+    common = dict(limit=limit, max_length=args.max_length, include_paths=args.include_path,
+                  apply_chat_template=args.apply_chat_template, log_samples=args.log_samples,
+                  progress=not args.no_progress)
+    if args.model:
+        benchmark.benchmark_model(args.model, tasks, args.output, batch_size=args.batch_size or 8, dtype=args.dtype,
+                                  chat_template=args.chat_template, **common)
+    else:
+        benchmark.run_benchmark(_load_config(args), args.iter, tasks, batch_size=args.batch_size, **common)
 
 
 def cmd_report(args) -> None:

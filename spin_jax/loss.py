@@ -63,6 +63,38 @@ def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = 
     return picked - (m + jnp.log(s))
 
 
+def token_logps_and_argmax(hidden, w_out, labels, vocab_chunk: int, unroll: bool = False, cap=None):
+    """Per-token log-probs [B, T] and the most likely token [B, T] (the first of equal logits, as
+    numpy's and torch's argmax pick), `vocab_chunk` vocab columns at a time (0: all at once). No
+    gradient: for scoring, e.g. lm-eval's is_greedy."""
+    b, t, _ = hidden.shape
+    v = w_out.shape[1]
+    chunk = v if vocab_chunk <= 0 or vocab_chunk >= v else vocab_chunk
+    n = -(-v // chunk)
+    hidden = constrain(hidden, ("batch", "length", "act_embed"))
+    w = jnp.pad(w_out, ((0, 0), (0, n * chunk - v))).reshape(w_out.shape[0], n, chunk).transpose(1, 0, 2)
+
+    def body(carry, xs):
+        m, s, picked, best = carry
+        w_c, start = xs
+        logits = jnp.einsum("btd,dv->btv", hidden, w_c, preferred_element_type=jnp.float32)
+        logits = softcap(constrain(logits, LOGITS), cap)
+        logits = jnp.where(start + jnp.arange(chunk) < v, logits, -jnp.inf)
+        top = logits.max(-1)
+        best = jnp.where(top > m, start + jnp.argmax(logits, -1).astype(jnp.int32), best)  # ties keep the earlier
+        m_new = jnp.maximum(m, top)
+        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
+        local = labels - start
+        hit = (local >= 0) & (local < chunk)
+        got = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], -1)[..., 0]
+        return (m_new, s, jnp.where(hit, got, picked), best), None
+
+    init = (jnp.full((b, t), -jnp.inf, jnp.float32), jnp.zeros((b, t), jnp.float32),
+            jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.int32))
+    (m, s, picked, best), _ = jax.lax.scan(body, init, (w, jnp.arange(n) * chunk), unroll=True if unroll else 1)
+    return picked - (m + jnp.log(s)), best
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _token_logps(hidden, w_out, labels, cap=None):
     """Per-token log-probs over the whole vocab. Its backward keeps only the log-sum-exp [B, T] and

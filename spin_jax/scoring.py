@@ -20,20 +20,37 @@ from spin_jax.data.tokenize import SpinBatch
 from spin_jax.model import transformer
 
 
-def batch_logps(params, cfg, batch: SpinBatch, vocab_chunk: int = 0):
-    """Summed fp32 log-probs [gN] of the response tokens of a grouped batch, each prompt computed
-    once for all its responses."""
+def response_hidden(params, cfg, batch: SpinBatch):
+    """Hidden states [gN, R, D] from which each response token is predicted (the prompt's last
+    position for token 0, response position t for t + 1), each prompt computed once for all its
+    responses; and the output matrix in their dtype."""
     w_out = transformer.output_embedding(params, cfg)
     tokens = batch.tokens
     # The last response token is never an input that matters: only logits of earlier positions are used.
     hp, hidden = transformer.forward_shared_prefix(
         params, cfg, batch.prompt_tokens, batch.prompt_positions, batch.prompt_valid,
         tokens[:, :-1], batch.positions[:, :-1], batch.valid[:, :-1])
-    # the prompt's last position predicts response token 0; response position t predicts t + 1
     hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], batch.group, axis=0), hidden], axis=1)  # [gN, R, D]
-    tok_logps = loss_lib.token_logps_chunked(hidden, w_out.astype(hidden.dtype), tokens, vocab_chunk,
+    return hidden, w_out.astype(hidden.dtype)
+
+
+def batch_logps(params, cfg, batch: SpinBatch, vocab_chunk: int = 0):
+    """Summed fp32 log-probs [gN] of the response tokens of a grouped batch, each prompt computed
+    once for all its responses."""
+    hidden, w_out = response_hidden(params, cfg, batch)
+    tok_logps = loss_lib.token_logps_chunked(hidden, w_out, batch.tokens, vocab_chunk,
                                              unroll=cfg.unroll_loops, cap=cfg.final_softcap)
     return jnp.sum(jnp.where(batch.valid, tok_logps, 0.0), axis=-1)
+
+
+def batch_logps_greedy(params, cfg, batch: SpinBatch, vocab_chunk: int = 0):
+    """(summed fp32 log-probs [gN], is_greedy [gN]): is_greedy is whether every response token is
+    the model's most likely one at its position (lm-eval's loglikelihood)."""
+    hidden, w_out = response_hidden(params, cfg, batch)
+    tok_logps, best = loss_lib.token_logps_and_argmax(hidden, w_out, batch.tokens, vocab_chunk,
+                                                      unroll=cfg.unroll_loops, cap=cfg.final_softcap)
+    return (jnp.sum(jnp.where(batch.valid, tok_logps, 0.0), axis=-1),
+            jnp.all((best == batch.tokens) | ~batch.valid, axis=-1))
 
 
 def grouped_shardings(mesh, rows: int, group: int = 1, leading=(), with_logps: bool = False) -> SpinBatch:
@@ -49,13 +66,15 @@ def grouped_shardings(mesh, rows: int, group: int = 1, leading=(), with_logps: b
                      valid=response, positions=response, opponent_logps=spec(rows, 1) if with_logps else None)
 
 
-def logps_fn(cfg, mesh, vocab_chunk: int, rows: int, group: int = 1):
+def logps_fn(cfg, mesh, vocab_chunk: int, rows: int, group: int = 1, greedy: bool = False):
     """jit(batch_logps) with the params sharded by the rule table and grouped batches of `rows`
     responses (`group` per prompt) over (data, fsdp): `score`, the opponent's stored log-probs
-    (group 2) and `evaluate` all score through it."""
-    return jax.jit(sharding.traced_on(mesh, lambda p, b: batch_logps(p, cfg, b, vocab_chunk)),
+    (group 2) and `evaluate` all score through it. greedy: jit(batch_logps_greedy) (`benchmark`)."""
+    fn = batch_logps_greedy if greedy else batch_logps
+    out = sharding.batch_sharding(mesh, 1, rows)
+    return jax.jit(sharding.traced_on(mesh, lambda p, b: fn(p, cfg, b, vocab_chunk)),
                    in_shardings=(transformer.param_shardings(cfg, mesh), grouped_shardings(mesh, rows, group)),
-                   out_shardings=sharding.batch_sharding(mesh, 1, rows))
+                   out_shardings=(out, out) if greedy else out)
 
 
 def score_rows(model, rows: list[dict], batch_size: int = 8, max_length: int | None = None,

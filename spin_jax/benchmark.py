@@ -1,0 +1,563 @@
+"""lm-evaluation-harness on spin_jax's own programs: the paper's benchmark table, per iteration, on
+the machine that trained the model.
+
+`SpinLM` is an lm-eval model (`lm_eval.api.model.TemplateLM`):
+
+    loglikelihood          the sharded scoring program (`scoring.batch_logps_greedy`): each
+                           request's summed log-prob and whether every token is the greedy one,
+                           batched by length bucket, longest first
+    loglikelihood_rolling  the same over lm-eval's rolling windows of the model's length
+    generate_until         the jitted sampler, greedy or as the request's gen_kwargs say, up to
+                           max_gen_toks, cut at the first `until` string
+
+Requests are tokenized as lm-eval's HF model (`HFLM`) tokenizes them: the context/continuation
+split with trailing spaces moved to the continuation, BOS where the tokenizer adds it, the prefix
+token for an empty context, contexts cut from the left to the model's length, and the chat template
+with --apply-chat-template. lm-eval's own task definitions and metrics score the answers.
+
+`run_benchmark(cfg, t, ...)` scores θ0 … θ(t+1) of a run and appends one line per model and task to
+runs/<run>/benchmarks.jsonl (a model/task pair already there is skipped: the job resumes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from spin_jax import rundir, scoring, sharding
+from spin_jax.data import tokenize
+from spin_jax.errors import SpinError, UsageError
+
+log = logging.getLogger(__name__)
+
+# The SPIN paper's table (the Open LLM Leaderboard v1): task, shots, and the metric it reports.
+PRESETS = {
+    "open_llm": (("arc_challenge", 25), ("hellaswag", 10), ("truthfulqa_mc2", 0), ("mmlu", 5),
+                 ("winogrande", 5), ("gsm8k", 5)),
+    # small offline tasks shipped in spin_jax/benchmark_tasks, one per request type
+    "spin_local": (("spin_local_mc", 0), ("spin_local_ll", 0), ("spin_local_rolling", 0), ("spin_local_gen", 0)),
+}
+PRIMARY = {"arc_challenge": "acc_norm,none", "hellaswag": "acc_norm,none", "truthfulqa_mc2": "acc,none",
+           "mmlu": "acc,none", "winogrande": "acc,none", "gsm8k": "exact_match,strict-match",
+           "spin_local_mc": "acc_norm,none", "spin_local_ll": "acc,none",
+           "spin_local_rolling": "word_perplexity,none", "spin_local_gen": "exact_match,first-number"}
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_tasks")
+BENCHMARKS = "benchmarks.jsonl"
+# gen_kwargs the sampler follows; lm-eval's normalize_gen_kwargs has already read the max-token aliases
+GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k", "until", "max_gen_toks")
+
+
+def _template_lm():
+    from lm_eval.api.model import TemplateLM
+
+    return TemplateLM
+
+
+class SpinLM(_template_lm()):
+    """An lm-eval model on a loaded spin_jax model (`io.load.LoadedModel`), on this host's devices."""
+
+    def __init__(self, model, mesh=None, batch_size: int = 8, max_length: Optional[int] = None,
+                 max_gen_toks: int = 256, vocab_chunk: int = 0, layout: str = "auto", decode_phases: int = 4,
+                 seed: int = 0, progress: bool = True):
+        super().__init__()
+        self.model, self.cfg, self.tokenizer = model, model.cfg, model.tokenizer
+        self.mesh = mesh or sharding.make_local_mesh()
+        self.batch_size, self.vocab_chunk, self.seed, self.progress = batch_size, vocab_chunk, seed, progress
+        self._max_length = max_length or self.cfg.max_position_embeddings
+        self._max_gen_toks = max_gen_toks
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.layout, self.decode_phases = layout, decode_phases
+        self._params = self._fn = self._sampler = self._decode_params = None
+        self.truncated = 0  # requests whose context was cut from the left
+
+    # -- what lm-eval asks of a model -----------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or self.model.source).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len=None,
+                   **kwargs) -> list[int]:
+        """As HFLM: the tokenizer's own special tokens (BOS where it adds one), none when the string
+        already starts with the prefix token's text."""
+        from lm_eval.models.utils import has_bos_prefix
+
+        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            kw["add_special_tokens"] = False
+        ids = list(self.tokenizer.encode(string, **kw))
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        import jinja2
+
+        def render(history):
+            return self.tokenizer.apply_chat_template(history, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError:  # e.g. a template without a system role, as HFLM retries
+            return render([m for m in chat_history if m["role"] != "system"])
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(summed log-prob, is_greedy) of each (key, context ids, continuation ids), in input order.
+        A context + continuation over max_length + 1 tokens keeps its last max_length + 1 (HFLM)."""
+        from tqdm import tqdm
+
+        if not requests:
+            return []
+        prompts, conts = [], []
+        for _, ctx, cont in requests:
+            if not ctx or not cont:
+                raise ValueError("a loglikelihood request with an empty context or continuation")
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            if len(whole) < len(ctx) + len(cont):
+                self.truncated += 1
+            cont = list(cont)[-self.max_length:]
+            prompts.append(whole[:len(whole) - len(cont)])
+            conts.append(cont)
+        order = sorted(range(len(requests)), key=lambda i: -(len(prompts[i]) + len(conts[i])))
+        fn, params = self._scorer()
+        rows, in_sharding = self.batch_size, scoring.grouped_shardings(self.mesh, self.batch_size)
+        out: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="loglikelihood", unit="request",
+                   disable=disable_tqdm or not self.progress)
+        for start in range(0, len(order), rows):
+            idx = order[start:start + rows]
+            p = [prompts[i] for i in idx] + [prompts[idx[0]]] * (rows - len(idx))
+            r = [conts[i] for i in idx] + [conts[idx[0]]] * (rows - len(idx))
+            packed = tokenize.pack_grouped(p, r, tokenize.bucket(max(map(len, p))), tokenize.bucket(max(map(len, r))),
+                                           self.pad_id)
+            logps, greedy = fn(params, jax.device_put(packed, in_sharding))
+            logps, greedy = np.asarray(logps, np.float64), np.asarray(greedy)
+            for j, i in enumerate(idx):
+                out[i] = (float(logps[j]), bool(greedy[j]))
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each string's log-likelihood over lm-eval's disjoint rolling windows of max_length tokens,
+        the first one after the prefix token (HFLM's windows)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owner.append(i)
+        totals = np.zeros(len(requests), np.float64)
+        for i, (logp, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[i] += logp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, float(total))
+        return totals.tolist()
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """The sampler's continuation of each context, cut at the first of its `until` strings (and
+        the end-of-text token's), as HFLM's text: special tokens left out."""
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        from spin_jax.sampling import SamplingParams, progress_bar
+
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):  # one sampling law per group, as HFLM batches them
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out: list = [None] * len(requests)
+        eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+        update, bar = progress_bar(len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
+        for idx in groups.values():
+            task = getattr(requests[idx[0]], "task_name", None) or "a task"
+            kwargs = normalize_gen_kwargs(requests[idx[0]].args[1], self.max_gen_toks)
+            unknown = sorted(set(kwargs) - set(GEN_KWARGS))
+            if unknown:
+                raise UsageError(f"{task}: generation_kwargs {', '.join(unknown)} are not supported by spin_jax's "
+                                 f"sampler (it follows {', '.join(GEN_KWARGS)})")
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen = int(kwargs["max_gen_toks"])
+            if max_gen >= self.max_length:
+                raise UsageError(f"{task}: max_gen_toks {max_gen} leaves no room for a context in the model's "
+                                 f"{self.max_length} positions")
+            greedy = not kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) == 0.0
+            sp = SamplingParams(max_new_tokens=max_gen, greedy=greedy,
+                                temperature=float(kwargs.get("temperature") or 1.0),
+                                top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0),
+                                stop_ids=self._stop_ids(until))
+            contexts = []
+            for i in idx:
+                ids = self.tok_encode(requests[i].args[0])
+                if len(ids) > self.max_length - max_gen:
+                    self.truncated += 1
+                contexts.append(ids[-(self.max_length - max_gen):])
+            sampler, params = self._decoder()
+            samples = sampler.generate(params, contexts, sp, seed=self.seed, progress=update)
+            for i, smp in zip(idx, samples):
+                text = self.tokenizer.decode(smp.tokens, skip_special_tokens=True)
+                out[i] = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+                self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+        bar.close()
+        return out
+
+    # -- spin_jax's programs --------------------------------------------------------------------
+
+    def _stop_ids(self, until: Sequence[str]) -> tuple[int, ...]:
+        """Tokens after which the text surely holds a stop string: end-of-text, and any `until` string
+        that is one token. Stopping there gives HFLM's text; the cut at `until` does the rest."""
+        ids = {int(self.eot_token_id)}
+        for s in until:
+            one = self.tokenizer.encode(s, add_special_tokens=False)
+            if len(one) == 1 and self.tokenizer.decode(one, skip_special_tokens=False) == s:
+                ids.add(int(one[0]))
+        return tuple(sorted(ids))
+
+    def _scorer(self):
+        if self._fn is None:
+            from spin_jax.model import transformer
+
+            self._fn = scoring.logps_fn(self.cfg, self.mesh, self.vocab_chunk, self.batch_size, greedy=True)
+            self._params = transformer.shard_params(self.model.params, self.cfg, self.mesh)
+        return self._fn, self._params
+
+    def _decoder(self):
+        if self._sampler is None:
+            from spin_jax.sampling import Sampler
+
+            self._sampler = Sampler(self.cfg, self.mesh, batch_size=self.batch_size, pad_id=self.pad_id,
+                                    decode_phases=self.decode_phases, layout=self.layout)
+            self._decode_params = self._sampler.place(self.model.params)
+        return self._sampler, self._decode_params
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+def parse_tasks(spec: str, num_fewshot: Optional[int] = None) -> list[tuple[str, Optional[int]]]:
+    """--tasks: comma-separated lm-eval task or group names and presets (open_llm: the paper's six
+    with their shots; spin_local: the offline tasks that ship with spin_jax) -> [(task, shots)].
+    --num-fewshot replaces every task's shots; None keeps the task's own default."""
+    out: list[tuple[str, Optional[int]]] = []
+    for name in (n.strip() for n in spec.split(",")):
+        if not name:
+            continue
+        entries = PRESETS.get(name, ((name, None),))
+        for task, shots in entries:
+            if task not in (t for t, _ in out):
+                out.append((task, num_fewshot if num_fewshot is not None else shots))
+    if not out:
+        raise UsageError(f"--tasks {spec!r}: name at least one task (e.g. spin_local, open_llm or arc_challenge)")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UsageError(f"--num-fewshot {num_fewshot}: must be >= 0")
+    return out
+
+
+def task_manager(include_paths: Sequence[str] = ()):
+    """lm-eval's TaskManager over its own tasks, spin_jax's local ones and the user's --include-path."""
+    quiet_lm_eval()
+    for path in include_paths:
+        if not os.path.isdir(path):
+            raise UsageError(f"--include-path {path}: not a directory (a folder of lm-eval task YAML files)")
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[TASKS_DIR, *include_paths])
+
+
+def check_tasks(tm, names: Sequence[str]) -> None:
+    """Refuse unknown task names, then load each task's data (lm-eval downloads it or reads its
+    cache) before any model is loaded: a task whose data cannot be had is one line each."""
+    import difflib
+
+    every = set(tm.all_tasks)
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        known = list(tm.all_subtasks) + list(tm.all_groups)
+        hints = [f"{n!r}" + (f" (did you mean {', '.join(difflib.get_close_matches(n, known, 2))}?)"
+                             if difflib.get_close_matches(n, known, 2) else "") for n in unknown]
+        raise UsageError(f"--tasks: unknown lm-eval task {', '.join(hints)}; presets: {', '.join(PRESETS)}; "
+                         "tasks in a folder of YAML files: --include-path DIR")
+    failed = []
+    for name in names:
+        try:
+            tm.load([name])
+        except Exception as e:  # lm-eval and datasets raise many kinds for an unreachable or gated set
+            failed.append(_data_error(tm, name, e))
+    if failed:
+        raise SpinError("the data of %d task%s could not be loaded:\n  %s" % (
+            len(failed), "s" if len(failed) > 1 else "", "\n  ".join(failed)))
+
+
+def _data_error(tm, name: str, e: BaseException) -> str:
+    import re
+
+    entry = tm.task_index.get(name)
+    cfg = getattr(entry, "cfg", None) or {}
+    dataset = cfg.get("dataset_path")
+    if dataset and cfg.get("dataset_name"):
+        dataset = f"{dataset} ({cfg['dataset_name']})"
+    if not dataset:  # a group: the data set its first failing task named
+        found = re.search(r"'([\w.-]+/[\w.-]+)'", str(e))
+        dataset = found.group(1) if found else "its data sets"
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return (f"{name}: data set {dataset} could not be loaded ({why}); with no network or for a gated set, point "
+            "HF_DATASETS_CACHE at a cache that holds it (filled where the Hub is reachable: any lm-eval run of "
+            f"{name}), or give --include-path DIR with a task YAML that reads a local copy (dataset_path: json)")
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval's INFO and WARNING lines (a note per task on custom datasets, its default shots) are
+    noise here; its bootstrap of a perplexity's stderr must not fork a process that runs JAX
+    (DISABLE_MULTIPROC: the same replicates, in this process)."""
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def primary_metric(task: str, results: dict) -> tuple[str, Optional[float], bool]:
+    """(metric, value, higher_is_better) that a task's table column shows: the paper's metric for
+    its tasks, else the task's first metric."""
+    res = results["results"].get(task, {})
+    metric = PRIMARY.get(task)
+    if metric is None or metric not in res:
+        metric = next((k for k, v in res.items() if "," in k and "_stderr" not in k
+                       and isinstance(v, (int, float))), None)
+    if metric is None:
+        return "", None, True
+    higher = results.get("higher_is_better", {}).get(task, {}).get(metric.split(",")[0], True)
+    return metric, float(res[metric]), bool(higher)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def evaluate_tasks(lm: SpinLM, tm, tasks: Sequence[tuple[str, Optional[int]]], limit=None,
+                   apply_chat_template: bool = False, log_samples: bool = False, on_task=None) -> dict:
+    """lm-eval's simple_evaluate, one task at a time (each with its own shots), merged into one
+    results dict in lm-eval's schema. on_task(task, results, seconds) after each."""
+    from lm_eval import evaluator
+
+    merged: dict = {}
+    for task, shots in tasks:
+        t0 = time.time()
+        r = evaluator.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit, task_manager=tm,
+                                      apply_chat_template=apply_chat_template, log_samples=log_samples,
+                                      verbosity="ERROR")
+        if on_task:
+            on_task(task, shots, r, time.time() - t0)
+        for key, value in r.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "config":
+                merged[key].update(value)
+            else:
+                merged[key] = value
+    merged.get("config", {}).pop("num_fewshot", None)  # per task: results["n-shot"]
+    return merged
+
+
+def write_results(path: str, results: dict, model_name: str, model_source: str) -> str:
+    """`results` as lm-eval --output_path writes them (the same keys, plus the run's general
+    config), at exactly `path`; samples, if logged, beside it as <stem>.samples.<task>.jsonl."""
+    from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+    from lm_eval.utils import handle_non_serializable, hash_string
+
+    general = GeneralConfigTracker()
+    general.log_experiment_args(model_source=model_source, model_args=f"pretrained={model_name}",
+                                system_instruction=None, chat_template=results.get("chat_template"),
+                                fewshot_as_multiturn=bool(results.get("fewshot_as_multiturn")))
+    general.log_end_time()
+    samples = results.pop("samples", None) or {}
+    out = dict(results, task_hashes={t: hash_string("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"]
+                                                             for s in rows)) for t, rows in samples.items()})
+    out.update(dataclasses.asdict(general))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rundir.atomic_write(path, json.dumps(out, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    stem = path[:-5] if path.endswith(".json") else path
+    for task, rows in samples.items():
+        rundir.atomic_write(f"{stem}.samples.{task}.jsonl", "".join(
+            json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def format_table(results: dict) -> str:
+    """lm-eval's own Markdown table of a results dict."""
+    from lm_eval.utils import make_table
+
+    return make_table(results)
+
+
+def benchmark_model(spec: str, tasks, output: str, limit=None, batch_size: int = 8, max_length=None,
+                    include_paths=(), apply_chat_template: bool = False, log_samples: bool = False,
+                    dtype=None, chat_template=None, progress: bool = True) -> dict:
+    """`spin-jax benchmark --model`: one model on this host's devices; lm-eval's results JSON at `output`."""
+    from spin_jax.io.load import load_model
+
+    rundir.check_output_file(output, "--output")
+    tm = task_manager(include_paths)
+    check_tasks(tm, [t for t, _ in tasks])
+    model = load_model(spec, dtype=dtype, chat_template=chat_template, template_option="--chat-template")
+    lm = SpinLM(model, batch_size=batch_size, max_length=max_length, progress=progress)
+    results = evaluate_tasks(lm, tm, tasks, limit, apply_chat_template, log_samples,
+                             on_task=lambda task, shots, r, sec: log.info(f"{task}: {sec:.0f}s"))
+    if lm.truncated:
+        log.warning(f"{lm.truncated} requests were longer than the model's {lm.max_length} positions and were "
+                    "cut from the left")
+    table = format_table(results)
+    write_results(output, results, spec, "spin_jax")
+    print(table)
+    return results
+
+
+def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = None, max_length=None,
+                  include_paths=(), apply_chat_template: bool = False, log_samples: bool = False,
+                  progress: bool = True) -> list[dict]:
+    """Score θ0 … θ(t+1) of the run on `tasks`; append one line per model and task to
+    runs/<run>/benchmarks.jsonl, skipping the pairs already there. Returns the new lines."""
+    from spin_jax.io.load import load_model_for
+
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    specs = rundir.model_specs(cfg.model.name, cfg.run_dir, t)
+    path = os.path.join(cfg.run_dir, BENCHMARKS)
+    if jax.process_index() == 0:
+        rundir.check_output_file(path, "the run directory's benchmarks.jsonl")
+    tm = task_manager(include_paths)
+    check_tasks(tm, [name for name, _ in tasks])
+    done = {record_key(r) for r in read_benchmarks(path)}
+    mesh = sharding.local_mesh_from_config(cfg.mesh)  # every host scores on its own devices; host 0 writes
+    batch_size = batch_size or 2 * cfg.sampling.batch_size
+    new = []
+    for k, (label, model_path) in enumerate(specs):
+        todo = [(name, shots) for name, shots in tasks
+                if (label, name, shots, limit, apply_chat_template) not in done]
+        if not todo:
+            log.info(f"benchmark {label}: every task is already in {path}")
+            continue
+        model = load_model_for(cfg.model, model_path)
+        lm = SpinLM(model, mesh=mesh, batch_size=batch_size, max_length=max_length,
+                    vocab_chunk=cfg.train.vocab_chunk, layout=cfg.sampling.layout,
+                    decode_phases=cfg.sampling.decode_phases, seed=cfg.sampling.seed, progress=progress)
+
+        def record(task, shots, r, seconds, label=label, model_path=model_path, k=k, lm=lm):
+            metric, value, higher = primary_metric(task, r)
+            line = {"label": label, "model": model_path, "iteration": k - 1 if k else None, "task": task,
+                    "num_fewshot": shots, "n_shot": r.get("n-shot", {}).get(task), "limit": limit,
+                    "apply_chat_template": apply_chat_template, "metric": metric, "value": value,
+                    "higher_is_better": higher, "results": r["results"], "n_samples": r.get("n-samples"),
+                    "versions": r.get("versions"),
+                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "wall_seconds": round(seconds, 3), "lm_eval_version": r.get("lm_eval_version"),
+                    "settings": {"batch_size": batch_size, "max_length": lm.max_length, "dtype": cfg.model.dtype}}
+            if jax.process_index() == 0:
+                append_benchmark(path, line)
+                if log_samples and r.get("samples"):
+                    rundir.write_jsonl(os.path.join(cfg.run_dir, "benchmark_samples", f"{label}.{task}.jsonl"),
+                                       [json.loads(json.dumps(s, default=str)) for s in r["samples"].get(task, [])])
+            log.info(f"benchmark {label} {task}: {metric} {value if value is None else round(value, 4)} "
+                     f"({seconds:.0f}s)")
+            new.append(line)
+
+        evaluate_tasks(lm, tm, todo, limit, apply_chat_template, log_samples, on_task=record)
+        del model, lm
+    sharding.barrier("benchmark")
+    if jax.process_index() == 0 and new:
+        log.info("\n" + format_benchmarks(read_benchmarks(path)))
+    return new
+
+
+def record_key(r: dict) -> tuple:
+    return (r["label"], r["task"], r["num_fewshot"], r["limit"], r["apply_chat_template"])
+
+
+def append_benchmark(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_benchmarks(path: str) -> list[dict]:
+    """benchmarks.jsonl's records (a torn last line, from a killed run, is left out)."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n}: not a JSON line; remove it and rerun (the pair is scored again)")
+    return out
+
+
+def benchmark_table(records: list[dict]) -> tuple[list[str], list[tuple[str, Optional[int], dict]]]:
+    """The latest record of each (model, task) as (columns, rows): columns are tasks in first-seen
+    order, rows (label, iteration, {task: record}) ordered base, iter0, iter1, …"""
+    columns: list[str] = []
+    rows: dict[str, dict] = {}
+    iteration: dict[str, Optional[int]] = {}
+    for r in records:
+        if r["task"] not in columns:
+            columns.append(r["task"])
+        rows.setdefault(r["label"], {})[r["task"]] = r
+        iteration[r["label"]] = r.get("iteration")
+    order = sorted(rows, key=lambda label: -1 if iteration[label] is None else iteration[label])
+    return columns, [(label, iteration[label], rows[label]) for label in order]
+
+
+def average(cells: dict) -> Optional[float]:
+    """The mean of a row's higher-is-better metrics (the paper's Average), None if there are none."""
+    values = [r["value"] for r in cells.values() if r.get("higher_is_better") and r.get("value") is not None]
+    return float(np.mean(values)) if values else None
+
+
+def format_benchmarks(records: list[dict]) -> str:
+    columns, rows = benchmark_table(records)
+    head = ["model"] + [f"{c} ({records_metric(rows, c)})" for c in columns] + ["average"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, _, cells in rows:
+        vals = [_fmt(cells[c]["value"]) if c in cells else "" for c in columns]
+        lines.append("| " + " | ".join([label, *vals, _fmt(average(cells))]) + " |")
+    return "\n".join(lines)
+
+
+def records_metric(rows, column: str) -> str:
+    for _, _, cells in rows:
+        if column in cells:
+            r = cells[column]
+            return f"{r['metric'].split(',')[0]}{'' if r.get('higher_is_better', True) else ', lower is better'}"
+    return ""
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
