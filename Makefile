@@ -3,6 +3,7 @@
 #   make test                    ruff, then the test suite (installs the test extras too)
 #   make lint                    ruff only (lint + import order)
 #   make evaluate ITER=0         held-out metrics of iteration 0's model -> runs/<run>/eval.jsonl
+#   make benchmark ITER=0 TASKS=open_llm   lm-eval tasks on θ0 .. θ1 -> runs/<run>/benchmarks.jsonl
 #   make report                  runs/<run>/report/report.md with plots (RUN=dir, OUT=dir optional)
 #   make export ITER=0 OUT=dir   iteration 0's model as an HF directory with a model card
 #   make plan TOPOLOGY=v5p-32    compile the config's programs for a TPU slice (installs libtpu into .venv/tpu)
@@ -15,6 +16,7 @@ ARGS ?=
 RUN ?=
 OUT ?=
 TOPOLOGY ?= v5e-8
+TASKS ?= spin_local
 
 PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt requirements-embedded.txt pyproject.toml | sha1sum | cut -c1-12)
@@ -26,7 +28,7 @@ TPU_STAMP := $(VENV)/.stamp-tpu-$(TPU_HASH)
 # The TPU compiler lives apart, on PYTHONPATH for `plan` and its tests only: other commands never see libtpu.
 TPU_PATH := $(VENV)/tpu
 
-.PHONY: venv venv-dev venv-tpu plan lint test train generate spin bench bench-generate bench-train evaluate report export clean
+.PHONY: venv venv-dev venv-tpu plan lint test train generate spin bench bench-generate bench-train evaluate benchmark report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
@@ -80,6 +82,9 @@ bench-train: venv-dev
 
 evaluate: venv
 	$(PY) -m spin_jax evaluate --config $(CONFIG) --iter $(ITER) $(ARGS)
+
+benchmark: venv
+	$(PY) -m spin_jax benchmark --config $(CONFIG) --iter $(ITER) --tasks $(TASKS) $(ARGS)
 
 report: venv
 	$(PY) -m spin_jax report $(if $(RUN),--run $(RUN),--config $(CONFIG)) $(if $(OUT),--out $(OUT)) $(ARGS)

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from spin_jax import rundir, scoring, sharding
+from spin_jax import rundir, scoring, sharding, tracking
 from spin_jax.data import tokenize
 from spin_jax.errors import SpinError, UsageError
 
@@ -50,7 +50,6 @@ PRIMARY = {"arc_challenge": "acc_norm,none", "hellaswag": "acc_norm,none", "trut
            "spin_local_mc": "acc_norm,none", "spin_local_ll": "acc,none",
            "spin_local_rolling": "word_perplexity,none", "spin_local_gen": "exact_match,first-number"}
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_tasks")
-BENCHMARKS = "benchmarks.jsonl"
 # gen_kwargs the sampler follows; lm-eval's normalize_gen_kwargs has already read the max-token aliases
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k", "until", "max_gen_toks")
 
@@ -401,9 +400,17 @@ def write_results(path: str, results: dict, model_name: str, model_source: str) 
     rundir.atomic_write(path, json.dumps(out, indent=2, default=handle_non_serializable, ensure_ascii=False))
     stem = path[:-5] if path.endswith(".json") else path
     for task, rows in samples.items():
-        rundir.atomic_write(f"{stem}.samples.{task}.jsonl", "".join(
-            json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
+        _write_samples(f"{stem}.samples.{task}.jsonl", rows)
     return path
+
+
+def _write_samples(path: str, rows: list) -> None:
+    """lm-eval's logged samples of a task, one JSON line each (as lm_eval --log_samples)."""
+    from lm_eval.utils import handle_non_serializable
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rundir.atomic_write(path, "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n"
+                                      for r in rows))
 
 
 def format_table(results: dict) -> str:
@@ -444,120 +451,66 @@ def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = No
 
     sharding.maybe_initialize_distributed(cfg.distributed)
     specs = rundir.model_specs(cfg.model.name, cfg.run_dir, t)
-    path = os.path.join(cfg.run_dir, BENCHMARKS)
+    path = os.path.join(cfg.run_dir, rundir.BENCHMARKS)
     if jax.process_index() == 0:
         rundir.check_output_file(path, "the run directory's benchmarks.jsonl")
     tm = task_manager(include_paths)
     check_tasks(tm, [name for name, _ in tasks])
-    done = {record_key(r) for r in read_benchmarks(path)}
+    done = {record_key(r) for r in rundir.read_benchmarks(path)}
     mesh = sharding.local_mesh_from_config(cfg.mesh)  # every host scores on its own devices; host 0 writes
     batch_size = batch_size or 2 * cfg.sampling.batch_size
-    new = []
-    for k, (label, model_path) in enumerate(specs):
-        todo = [(name, shots) for name, shots in tasks
-                if (label, name, shots, limit, apply_chat_template) not in done]
-        if not todo:
-            log.info(f"benchmark {label}: every task is already in {path}")
-            continue
-        model = load_model_for(cfg.model, model_path)
-        lm = SpinLM(model, mesh=mesh, batch_size=batch_size, max_length=max_length,
-                    vocab_chunk=cfg.train.vocab_chunk, layout=cfg.sampling.layout,
-                    decode_phases=cfg.sampling.decode_phases, seed=cfg.sampling.seed, progress=progress)
+    new: list[dict] = []
+    with tracking.start(cfg, "benchmark") as tracker:
+        for k, (label, model_path) in enumerate(specs):
+            todo = [(name, shots) for name, shots in tasks
+                    if (label, name, shots, limit, apply_chat_template) not in done]
+            if not todo:
+                log.info(f"benchmark {label}: every task is already in {path}")
+                continue
+            lm = SpinLM(load_model_for(cfg.model, model_path), mesh=mesh, batch_size=batch_size,
+                        max_length=max_length, vocab_chunk=cfg.train.vocab_chunk, layout=cfg.sampling.layout,
+                        decode_phases=cfg.sampling.decode_phases, seed=cfg.sampling.seed, progress=progress)
+            common = {"label": label, "model": model_path, "iteration": k - 1 if k else None, "limit": limit,
+                      "apply_chat_template": apply_chat_template,
+                      "settings": {"batch_size": batch_size, "max_length": lm.max_length, "dtype": cfg.model.dtype}}
 
-        def record(task, shots, r, seconds, label=label, model_path=model_path, k=k, lm=lm):
-            metric, value, higher = primary_metric(task, r)
-            line = {"label": label, "model": model_path, "iteration": k - 1 if k else None, "task": task,
-                    "num_fewshot": shots, "n_shot": r.get("n-shot", {}).get(task), "limit": limit,
-                    "apply_chat_template": apply_chat_template, "metric": metric, "value": value,
-                    "higher_is_better": higher, "results": r["results"], "n_samples": r.get("n-samples"),
-                    "versions": r.get("versions"),
-                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "wall_seconds": round(seconds, 3), "lm_eval_version": r.get("lm_eval_version"),
-                    "settings": {"batch_size": batch_size, "max_length": lm.max_length, "dtype": cfg.model.dtype}}
-            if jax.process_index() == 0:
-                append_benchmark(path, line)
-                if log_samples and r.get("samples"):
-                    rundir.write_jsonl(os.path.join(cfg.run_dir, "benchmark_samples", f"{label}.{task}.jsonl"),
-                                       [json.loads(json.dumps(s, default=str)) for s in r["samples"].get(task, [])])
-            log.info(f"benchmark {label} {task}: {metric} {value if value is None else round(value, 4)} "
-                     f"({seconds:.0f}s)")
-            new.append(line)
+            def record(task, shots, r, seconds, common=common):
+                line = dict(common, **benchmark_record(task, shots, r, seconds))
+                if jax.process_index() == 0:
+                    rundir.append_jsonl(path, line)
+                    tracker.benchmark(line)
+                    if log_samples:
+                        _write_samples(os.path.join(cfg.run_dir, "benchmark_samples", f"{line['label']}.{task}.jsonl"),
+                                       r["samples"].get(task, []))
+                log.info(f"benchmark {line['label']} {task}: {line['metric']} {_round(line['value'])} ({seconds:.0f}s)")
+                new.append(line)
 
-        evaluate_tasks(lm, tm, todo, limit, apply_chat_template, log_samples, on_task=record)
-        del model, lm
+            evaluate_tasks(lm, tm, todo, limit, apply_chat_template, log_samples, on_task=record)
+            del lm
+        if jax.process_index() == 0 and new:
+            records = rundir.read_benchmarks(path)
+            tracker.benchmark_table(records)
+            from spin_jax import report
+
+            log.info("\n" + report.benchmarks_markdown(records))
     sharding.barrier("benchmark")
-    if jax.process_index() == 0 and new:
-        log.info("\n" + format_benchmarks(read_benchmarks(path)))
     return new
 
 
+def benchmark_record(task: str, shots, r: dict, seconds: float) -> dict:
+    """The task's part of a benchmarks.jsonl line: its table metric and lm-eval's results."""
+    metric, value, higher = primary_metric(task, r)
+    return {"task": task, "num_fewshot": shots, "n_shot": r.get("n-shot", {}).get(task), "metric": metric,
+            "value": value, "higher_is_better": higher, "results": r["results"], "n_samples": r.get("n-samples"),
+            "versions": r.get("versions"), "lm_eval_version": r.get("lm_eval_version"),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(seconds, 3)}
+
+
+def _round(v):
+    return v if v is None else round(v, 4)
+
+
 def record_key(r: dict) -> tuple:
+    """What makes two benchmarks.jsonl lines the same measurement (a rerun skips it)."""
     return (r["label"], r["task"], r["num_fewshot"], r["limit"], r["apply_chat_template"])
-
-
-def append_benchmark(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_benchmarks(path: str) -> list[dict]:
-    """benchmarks.jsonl's records (a torn last line, from a killed run, is left out)."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        lines = f.read().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n < len(lines):
-                raise ValueError(f"{path}:{n}: not a JSON line; remove it and rerun (the pair is scored again)")
-    return out
-
-
-def benchmark_table(records: list[dict]) -> tuple[list[str], list[tuple[str, Optional[int], dict]]]:
-    """The latest record of each (model, task) as (columns, rows): columns are tasks in first-seen
-    order, rows (label, iteration, {task: record}) ordered base, iter0, iter1, …"""
-    columns: list[str] = []
-    rows: dict[str, dict] = {}
-    iteration: dict[str, Optional[int]] = {}
-    for r in records:
-        if r["task"] not in columns:
-            columns.append(r["task"])
-        rows.setdefault(r["label"], {})[r["task"]] = r
-        iteration[r["label"]] = r.get("iteration")
-    order = sorted(rows, key=lambda label: -1 if iteration[label] is None else iteration[label])
-    return columns, [(label, iteration[label], rows[label]) for label in order]
-
-
-def average(cells: dict) -> Optional[float]:
-    """The mean of a row's higher-is-better metrics (the paper's Average), None if there are none."""
-    values = [r["value"] for r in cells.values() if r.get("higher_is_better") and r.get("value") is not None]
-    return float(np.mean(values)) if values else None
-
-
-def format_benchmarks(records: list[dict]) -> str:
-    columns, rows = benchmark_table(records)
-    head = ["model"] + [f"{c} ({records_metric(rows, c)})" for c in columns] + ["average"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, _, cells in rows:
-        vals = [_fmt(cells[c]["value"]) if c in cells else "" for c in columns]
-        lines.append("| " + " | ".join([label, *vals, _fmt(average(cells))]) + " |")
-    return "\n".join(lines)
-
-
-def records_metric(rows, column: str) -> str:
-    for _, _, cells in rows:
-        if column in cells:
-            r = cells[column]
-            return f"{r['metric'].split(',')[0]}{'' if r.get('higher_is_better', True) else ', lower is better'}"
-    return ""
-
-
-def _fmt(v) -> str:
-    return "" if v is None else f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"

@@ -134,6 +134,22 @@ class DistributedSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbSection:
+    project: Optional[str] = None  # a W&B project: logs the run there (None: off)
+    entity: Optional[str] = None  # a W&B team or user (default: the logged-in user's)
+    name: Optional[str] = None  # the W&B run's display name (default: run_name)
+    mode: str = "online"  # online | offline (files under runs/<run>/wandb, `wandb sync` later) | disabled
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingSection:
+    wandb: WandbSection = WandbSection()
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     run_name: str = "default"
     runs_dir: str = "runs"
@@ -143,6 +159,7 @@ class Config:
     train: TrainSection = TrainSection()
     mesh: MeshSection = MeshSection()
     distributed: DistributedSection = DistributedSection()
+    tracking: TrackingSection = TrackingSection()
 
     @property
     def run_dir(self) -> str:
@@ -284,6 +301,10 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
     need(0.0 <= t.max_skipped_fraction <= 1.0, "train.max_skipped_fraction", t.max_skipped_fraction, "in [0, 1]")
+    w = cfg.tracking.wandb
+    need(w.mode in WANDB_MODES, "tracking.wandb.mode", w.mode, f"one of {', '.join(WANDB_MODES)}")
+    need(w.project is None or bool(w.project.strip()), "tracking.wandb.project", w.project,
+         "a W&B project name, or unset (null) for no tracking")
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(mesh, axis)
         need(size == -1 or size >= 1, f"mesh.{axis}", size, ">= 1, or -1 for all devices left")

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from spin_jax import loss as loss_lib
-from spin_jax import rundir, scoring, sharding
+from spin_jax import rundir, scoring, sharding, tracking
 from spin_jax.config import Config
 from spin_jax.data import examples as ex
 from spin_jax.data import store as store_lib
@@ -107,6 +107,8 @@ def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
             for i, r in enumerate(rows)))
         rundir.append_eval(cfg.run_dir, record)
         log.info("\n" + format_record(record))
+        with tracking.start(cfg, f"evaluate iter{t}") as tracker:
+            tracker.evaluation(record)
     sharding.barrier("evaluate")
     return record
 

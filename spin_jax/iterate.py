@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from spin_jax import rundir, scoring, sharding
+from spin_jax import rundir, scoring, sharding, tracking
 from spin_jax.config import Config
 from spin_jax.data import examples as ex
 from spin_jax.data import store as store_lib
@@ -165,7 +165,6 @@ def train_iteration(cfg: Config, t: int, progress: bool = True, stop_after=None)
 
 def _train_iteration(cfg: Config, t: int, progress: bool, stop_after) -> dict:
     from spin_jax import train
-    from spin_jax.io import hf
 
     out_dir = cfg.iter_dir(t)
     t_start = time.time()
@@ -200,7 +199,19 @@ def _train_iteration(cfg: Config, t: int, progress: bool, stop_after) -> dict:
                                          pad_id=model.tokenizer.pad_token_id or 0):
             yield batch
 
-    trainer = train.Trainer(model.cfg, tc, mesh, steps, lr, out_dir, progress=progress)
+    with tracking.start(cfg, f"train iter{t}") as tracker:
+        offset = tracking.global_step_offset(cfg.run_dir, t) if tracker.on else 0
+        tracker.samples(t, [r for r in rows if r["iteration"] == t])
+        trainer = train.Trainer(model.cfg, tc, mesh, steps, lr, out_dir, progress=progress,
+                                on_metrics=lambda m: tracker.update(t, offset + m["step"], m))
+        return _train_and_export(cfg, t, trainer, theta, model, batches_from, stop_after, steps, t_start, tracker)
+
+
+def _train_and_export(cfg: Config, t: int, trainer, theta, model, batches_from, stop_after, steps: int,
+                      t_start: float, tracker) -> dict:
+    from spin_jax.io import hf
+
+    out_dir, d = cfg.iter_dir(t), cfg.data
     lo = cfg.model.lora
     if lo.rank:  # adapters on the frozen base; the in-step opponent is that base
         from spin_jax.model import lora
@@ -225,6 +236,7 @@ def _train_iteration(cfg: Config, t: int, progress: bool, stop_after) -> dict:
         with rundir.written_dir(rundir.model_dir(cfg.run_dir, t)) as tmp:
             hf.export_hf_dir(final, theta.cfg, tmp, model.tokenizer, dtype=dtype, extra_files={"README.md": card})
         log.info("\n" + rundir.format_summary(summary))
+        tracker.iteration(t, summary)
     sharding.barrier("train")
     return summary
 

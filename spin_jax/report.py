@@ -3,8 +3,9 @@
     write_report("runs/smollm2_sharegpt")          # -> runs/smollm2_sharegpt/report/report.md
 
 It reads, for every runs/<run>/iter<t>/: metrics.jsonl (training curves), config.json (settings),
-summary.json (updates, wall times), synthetic/ (the store's digest), and runs/<run>/eval.jsonl
-(held-out metrics, written by `spin-jax evaluate`). The output directory holds report.md and the
+summary.json (updates, wall times), synthetic/ (the store's digest), runs/<run>/eval.jsonl
+(held-out metrics, written by `spin-jax evaluate`) and runs/<run>/benchmarks.jsonl (lm-eval tasks,
+written by `spin-jax benchmark`: the paper's table, a row per model). The output directory holds report.md and the
 PNGs it links by relative name, so it can be copied and read offline. Each figure is
 FIGSIZE x DPI = 1200 x 700 pixels.
 """
@@ -24,8 +25,8 @@ from spin_jax.errors import UsageError
 
 TRAIN_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies")
 FIGSIZE, DPI = (12.0, 7.0), 100
-TRAIN_PNG, HELDOUT_PNG = "train_curves.png", "heldout.png"
-REPORT_FILES = {"report.md", TRAIN_PNG, HELDOUT_PNG}
+TRAIN_PNG, HELDOUT_PNG, BENCH_PNG = "train_curves.png", "heldout.png", "benchmarks.png"
+REPORT_FILES = {"report.md", TRAIN_PNG, HELDOUT_PNG, BENCH_PNG}
 
 
 def write_report(run_dir: str, out_dir: str | None = None) -> str:
@@ -35,6 +36,7 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
     check_report_dir(out_dir, run_dir)
     info = {t: iteration_info(run_dir, t) for t in iters}
     evals = rundir.latest_evals(run_dir)
+    bench = rundir.read_benchmarks(os.path.join(run_dir, rundir.BENCHMARKS))
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp", dir=parent)
@@ -46,7 +48,10 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
         if evals:
             plot_heldout(evals, os.path.join(tmp, HELDOUT_PNG))
             figures.append(HELDOUT_PNG)
-        rundir.atomic_write(os.path.join(tmp, "report.md"), render_markdown(run_dir, info, evals, figures))
+        if bench:
+            plot_benchmarks(bench, os.path.join(tmp, BENCH_PNG))
+            figures.append(BENCH_PNG)
+        rundir.atomic_write(os.path.join(tmp, "report.md"), render_markdown(run_dir, info, evals, figures, bench))
         if os.path.isdir(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.old", dir=parent)
             os.replace(out_dir, os.path.join(old, "report"))  # a report of ours (check_report_dir)
@@ -151,6 +156,72 @@ def plot_heldout(evals: dict[int, dict], path: str) -> None:
     _save(fig, path)
 
 
+def plot_benchmarks(records: list[dict], path: str) -> None:
+    """The benchmark average (higher-is-better metrics) against the iteration, and each task's
+    metric: x = 0 for the base model θ0, k + 1 for iteration k's model θ(k+1)."""
+    plt = _pyplot()
+    columns, rows = benchmark_table(records)
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
+    x = [0 if it is None else it + 1 for _, it, _ in rows]
+    labels = [label for label, _, _ in rows]
+    avg = [average(cells) for _, _, cells in rows]
+    axes[0].plot(x, [np.nan if a is None else a for a in avg], "o-", color="C0")
+    axes[0].set_title("benchmark average (higher-is-better metrics)", fontsize=10)
+    right = None  # lower-is-better metrics (perplexities) on their own axis
+    for k, task in enumerate(columns):
+        ys = [cells[task]["value"] if task in cells and cells[task]["value"] is not None else np.nan
+              for _, _, cells in rows]
+        higher = next((cells[task].get("higher_is_better", True) for _, _, cells in rows if task in cells), True)
+        if not higher and right is None:
+            right = axes[1].twinx()
+        (axes[1] if higher else right).plot(x, ys, "o-" if higher else "s--", color=f"C{k % 10}",
+                                            label=task + ("" if higher else " (lower is better, right axis)"))
+    axes[1].set_title("per task (the table's metric)", fontsize=10)
+    handles = [h for ax in (axes[1], right) if ax is not None for h in ax.get_legend_handles_labels()[0]]
+    axes[1].legend(handles=handles, fontsize=8)
+    for ax in axes:
+        ax.set_xticks(x, [f"{label}\nθ{i}" for label, i in zip(labels, x)])
+        ax.set_xlabel("model")
+        ax.grid(alpha=0.3)
+    fig.suptitle("lm-eval benchmarks per SPIN iteration")
+    _save(fig, path)
+
+
+def benchmark_table(records: list[dict]) -> tuple[list[str], list[tuple[str, int | None, dict]]]:
+    """The newest record of each (model, task) as (columns, rows): columns are the tasks in
+    first-seen order, rows (label, iteration, {task: record}) ordered base, iter0, iter1, …"""
+    columns: list[str] = []
+    cells: dict[str, dict] = {}
+    iteration: dict[str, int | None] = {}
+    for r in records:
+        if r["task"] not in columns:
+            columns.append(r["task"])
+        cells.setdefault(r["label"], {})[r["task"]] = r
+        iteration[r["label"]] = r.get("iteration")
+    order = sorted(cells, key=lambda label: -1 if iteration[label] is None else iteration[label])
+    return columns, [(label, iteration[label], cells[label]) for label in order]
+
+
+def average(cells: dict) -> float | None:
+    """The mean of a row's higher-is-better metrics (the paper's Average); None if it has none."""
+    values = [r["value"] for r in cells.values() if r.get("higher_is_better", True) and r.get("value") is not None]
+    return float(np.mean(values)) if values else None
+
+
+def benchmarks_markdown(records: list[dict]) -> str:
+    """The paper's table: a row per model, a column per task (its metric, shots) and the average."""
+    columns, rows = benchmark_table(records)
+    head = ["model"]
+    for task in columns:
+        r = next(cells[task] for _, _, cells in rows if task in cells)
+        shots = r.get("n_shot") if r.get("n_shot") is not None else r.get("num_fewshot")
+        head.append(f"{task} ({r['metric'].split(',')[0]}{'' if shots is None else f', {shots}-shot'}"
+                    f"{'' if r.get('higher_is_better', True) else ', lower is better'})")
+    body = [[label, *(_value(cells[task]["value"]) if task in cells else "—" for task in columns),
+             _value(average(cells))] for label, _, cells in rows]
+    return table([*head, "average"], body)
+
+
 def model_table(evals: dict[int, dict]) -> dict[str, dict]:
     """Per-model held-out stats, each from the newest evaluation that includes the model."""
     out = {}
@@ -179,7 +250,7 @@ def _save(fig, path: str) -> None:
 # Markdown
 
 
-def render_markdown(run_dir: str, info: dict, evals: dict, figures: list[str]) -> str:
+def render_markdown(run_dir: str, info: dict, evals: dict, figures: list[str], bench: list[dict] = ()) -> str:
     its = list(info)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     out = [f"# SPIN run report: `{os.path.basename(os.path.normpath(run_dir))}`", "",
@@ -223,6 +294,18 @@ def render_markdown(run_dir: str, info: dict, evals: dict, figures: list[str]) -
     else:
         out += ["No eval.jsonl yet: run `make evaluate ITER=t` for a trained iteration t.", ""]
 
+    out += ["## Benchmarks", ""]
+    if bench:
+        limited = sorted({r["task"] for r in bench if r.get("limit")})
+        out += [f"![benchmarks]({BENCH_PNG})", "",
+                "lm-evaluation-harness tasks on spin_jax's programs (`spin-jax benchmark`), the newest score of each "
+                "model and task; the average is over the higher-is-better columns:", "", benchmarks_markdown(bench), ""]
+        if limited:
+            out += [f"Scored on a --limit of their documents (a quick look, not a score): {', '.join(limited)}.", ""]
+    else:
+        out += ["No benchmarks.jsonl yet: run `make benchmark ITER=t TASKS=open_llm` (or `TASKS=spin_local`, offline).",
+                ""]
+
     out += ["## Data and wall times", ""]
     rows = []
     for t in its:
@@ -236,7 +319,7 @@ def render_markdown(run_dir: str, info: dict, evals: dict, figures: list[str]) -
                    "train", "total", "evaluate", "model"], rows), ""]
 
     out += ["## Settings", "", "Each iteration's recorded config (iter<t>/config.json).", ""]
-    flat = {t: flatten(info[t]["config"] or {}) for t in its}
+    flat = {t: rundir.flatten(info[t]["config"] or {}) for t in its}
     keys = sorted({k for f in flat.values() for k in f} - {"iteration"})
     if keys:
         rows = [[f"`{k}`", *(flat[t].get(k, "—") for t in its)] for k in keys]
@@ -276,16 +359,6 @@ def samples_section(path: str | None, n_prompts: int = 2, max_chars: int = 400) 
     return out
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def table(header: list, rows: list[list]) -> str:
     lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
@@ -301,6 +374,10 @@ def _cell(v) -> str:
 def _block(text: str, max_chars: int) -> str:
     text = text if len(text) <= max_chars else text[:max_chars] + " …"
     return "\n".join("    " + line for line in (text or "(empty)").replace("\t", "  ").splitlines() or [""])
+
+
+def _value(v) -> str:
+    return "—" if v is None else f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
 
 
 def _secs(s) -> str:

@@ -1,6 +1,7 @@
 """The run directory: its paths and file formats, with one reader and one writer for each. No JAX.
 
     runs/<run>/eval.jsonl                 one record per `spin-jax evaluate`
+    runs/<run>/benchmarks.jsonl           one record per model and lm-eval task (`spin-jax benchmark`)
     runs/<run>/iter<t>/synthetic/         the iteration's store (spin_jax.data.store)
     runs/<run>/iter<t>/checkpoints/       orbax checkpoints (resume)
     runs/<run>/iter<t>/model/             θ(t+1) as an HF directory: iteration t+1's init and opponent
@@ -32,6 +33,7 @@ from spin_jax.errors import RunLocked, UsageError
 
 METRICS, SUMMARY, CONFIG, EVAL, EVAL_SAMPLES = ("metrics.jsonl", "summary.json", "config.json", "eval.jsonl",
                                                 "eval_samples.jsonl")
+BENCHMARKS = "benchmarks.jsonl"
 SUMMARY_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
                 "logps/real", "logps/generated")
 
@@ -314,8 +316,51 @@ def read_eval_jsonl(path: str) -> list[dict]:
 
 
 def append_eval(run_dir: str, record: dict) -> None:
-    with open(os.path.join(run_dir, EVAL), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(os.path.join(run_dir, EVAL), record)
+
+
+def flatten(d: dict, sep: str = ".", prefix: str = "") -> dict:
+    """A nested dict as {dotted key: value} (keys joined by `sep`)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, sep, f"{prefix}{k}{sep}"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """One JSON line appended and synced: a killed job loses at most the line it was writing."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_benchmarks(path: str) -> list[dict]:
+    """benchmarks.jsonl's records in file order (empty if there is none). A torn last line (a
+    killed run) is left out: its model and task are scored again."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                continue
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); delete the line (its model and task are "
+                             "scored again)") from None
+        for key in ("label", "task", "value"):
+            if not isinstance(rec, dict) or key not in rec:
+                raise ValueError(f"{path}:{n}: no {key!r} key; benchmarks.jsonl lines come from `spin-jax benchmark`")
+        out.append(rec)
+    return out
 
 
 def latest_evals(run_dir: str) -> dict[int, dict]:

@@ -226,9 +226,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: ModelConfig, tcfg: TrainSection, mesh, steps: int, learning_rate: float,
-                 out_dir: str, progress: bool = True):
+                 out_dir: str, progress: bool = True, on_metrics: Optional[Callable[[dict], None]] = None):
         self.cfg, self.tcfg, self.mesh, self.steps, self.out_dir = cfg, tcfg, mesh, steps, out_dir
-        self.progress = progress
+        self.progress, self.on_metrics = progress, on_metrics
         self.tx, self.schedule = make_optimizer(tcfg, steps, learning_rate)
         self.checkpoints = Checkpoints(os.path.join(out_dir, "checkpoints"), tcfg.keep_checkpoints)
 
@@ -258,7 +258,7 @@ class Trainer:
         max_skipped = int(self.tcfg.max_skipped_fraction * self.steps)
         step_fn = make_train_step(self.cfg, self.tcfg, self.tx, self.mesh, shapes,
                                   None if base is None else jax.eval_shape(lambda b: b, base))
-        with self.checkpoints, _SigtermFlag() as sigterm, MetricsWriter(self.out_dir) as writer, \
+        with self.checkpoints, _SigtermFlag() as sigterm, MetricsWriter(self.out_dir, self.on_metrics) as writer, \
                 self._bar(start) as bar:
             t0 = time.perf_counter()
             batches = batches_from(start)
@@ -439,11 +439,11 @@ def _to_host(tree):
 
 
 class MetricsWriter:
-    """metrics.jsonl and TensorBoard event files in a run's iteration directory (process 0 only;
-    the others write nothing)."""
+    """metrics.jsonl and TensorBoard event files in a run's iteration directory, and each row to
+    `also` (W&B: spin_jax.tracking); process 0 only, the others write nothing."""
 
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, also: Optional[Callable[[dict], None]] = None):
+        self.out_dir, self.also = out_dir, also
 
     def __enter__(self):
         self._on = jax.process_index() == 0
@@ -463,6 +463,8 @@ class MetricsWriter:
         for k, v in metrics.items():
             if k != "step":
                 self._tb.add_scalar(f"train/{k}", v, metrics["step"])
+        if self.also:
+            self.also(metrics)
 
     def __exit__(self, *exc):
         if self._on:

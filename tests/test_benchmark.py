@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from spin_jax import benchmark, sharding
+from spin_jax import benchmark, report, sharding
 
 torch = pytest.importorskip("torch")
 
@@ -179,8 +179,8 @@ def test_rows_and_average_of_the_benchmark_table():
              "higher_is_better": False},
             {"label": "iter0", "iteration": 0, "task": "a", "metric": "acc,none", "value": 0.75,
              "higher_is_better": True}]
-    columns, rows = benchmark.benchmark_table(recs)
+    columns, rows = report.benchmark_table(recs)
     assert columns == ["a", "ppl"] and [r[0] for r in rows] == ["base", "iter0"]
     assert rows[1][2]["a"]["value"] == 0.75  # the latest record of a pair
-    assert benchmark.average(rows[0][2]) == 0.25  # perplexity (lower is better) is not averaged
-    assert np.isclose(benchmark.average(rows[1][2]), 0.75)
+    assert report.average(rows[0][2]) == 0.25  # perplexity (lower is better) is not averaged
+    assert np.isclose(report.average(rows[1][2]), 0.75)

@@ -1,6 +1,7 @@
-"""`evaluate`, `report` and `export` end to end, through the CLI, on a tiny random model trained for
-two SPIN iterations: held-out metrics land in eval.jsonl, the report renders its PNGs, and the
-exported trained iteration gives transformers' PyTorch model our logits."""
+"""`evaluate`, `benchmark`, `report` and `export` end to end, through the CLI, on a tiny random model
+trained for two SPIN iterations with W&B tracking in offline mode: held-out metrics land in
+eval.jsonl, lm-eval scores in benchmarks.jsonl, the report renders its PNGs and tables, W&B's files
+hold the run, and the exported trained iteration gives transformers' PyTorch model our logits."""
 
 import json
 import math
@@ -40,14 +41,17 @@ def run(tmp_path_factory):
     model = str(tmp / "model")
     hf.export_hf_dir(params, cfg, model, tok)
     sets = ["--set", f"model.name={model}", "--set", f"data.data_dir={tmp / 'tfds'}",
-            "--set", f"runs_dir={tmp / 'runs'}", "--set", "run_name=r"]
+            "--set", f"runs_dir={tmp / 'runs'}", "--set", "run_name=r", "--set", "tracking.wandb.project=spin-test"]
     fast = ["--set", "train.epochs=1", "--set", "train.checkpoint_every=1000"]  # 2 + 4 updates, one checkpoint each
     run_ok(["spin", "--config", CONFIG, "--iters", "2", *sets, *fast])
     procs = [cli(["evaluate", "--config", CONFIG, "--iter", str(t), *sets]) for t in (0, 1)]
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out
-    return {"base": model, "sets": sets, "run_dir": str(tmp / "runs" / "r"), "tmp": tmp}
+    bench = ["benchmark", "--config", CONFIG, "--iter", "1", "--tasks", "spin_local_mc,spin_local_gen", "--limit",
+             "8", "--max-length", "64", *sets]
+    first, again = run_ok(bench), run_ok(bench)  # the second finds every model and task done
+    return {"base": model, "sets": sets, "run_dir": str(tmp / "runs" / "r"), "tmp": tmp, "bench": (first, again)}
 
 
 def test_evaluate_appends_finite_heldout_metrics_for_every_model(run):
@@ -83,6 +87,73 @@ def test_evaluate_appends_finite_heldout_metrics_for_every_model(run):
     assert trained and not trained & {r["id"] for r in s1}
 
 
+def test_benchmark_scores_each_model_and_task_once(run):
+    records = rundir.read_benchmarks(os.path.join(run["run_dir"], "benchmarks.jsonl"))
+    assert sorted((r["label"], r["task"]) for r in records) == sorted(
+        (m, t) for m in ("base", "iter0", "iter1") for t in ("spin_local_mc", "spin_local_gen"))
+    for r in records:
+        assert r["iteration"] == {"base": None, "iter0": 0, "iter1": 1}[r["label"]]
+        assert r["limit"] == 8 and r["n_samples"][r["task"]]["effective"] == 8
+        metric = {"spin_local_mc": "acc_norm,none", "spin_local_gen": "exact_match,first-number"}
+        assert r["metric"] == metric[r["task"]]
+        assert 0.0 <= r["value"] <= 1.0 and r["results"][r["task"]][r["metric"]] == r["value"]
+    first, again = run["bench"]
+    assert "| base |" in first and "every task is already in" in again
+    assert again.count("every task is already in") == 3
+
+
+def test_wandb_offline_files_hold_config_updates_summaries_evaluations_benchmarks_and_samples(run):
+    from tests.wandb_files import digest
+
+    run_id = json.load(open(os.path.join(run["run_dir"], "wandb.json")))["id"]
+    runs = digest(run["run_dir"])["runs"]
+    # one W&B run, continued by each command: train iter0, train iter1, 2 x evaluate, 2 x benchmark
+    assert len(runs) == 6 and {r["id"] for r in runs} == {run_id}
+    assert all(r["config"]["model"]["name"] == run["base"] for r in runs)
+    rows = [row for r in runs for row in r["history"]]
+    updates = [row for row in rows if "loss" in row]
+    metrics = [json.loads(line) for t in (0, 1)
+               for line in open(os.path.join(run["run_dir"], f"iter{t}", "metrics.jsonl"))]
+    assert len(updates) == len(metrics) == 6  # 2 + 4 updates, metrics.jsonl's names and values
+    for row, m in zip(updates, metrics):
+        assert {k: row[k] for k in m} == pytest.approx(m)
+    assert [row["global_step"] for row in updates] == [1, 2, 3, 4, 5, 6]
+    assert [row["iteration"] for row in rows if "iteration/steps" in row] == [0, 1]
+    assert sorted(row["iteration"] for row in rows if "eval/loss" in row) == [0, 1]
+    assert {"eval/" + k for k in SPIN_KEYS} <= {k for row in rows for k in row}
+    bench = sorted((row["theta"], k) for row in rows for k in row if k.startswith("benchmark/spin_local"))
+    assert bench == sorted((th, f"benchmark/{t}") for th in (0, 1, 2) for t in ("spin_local_mc", "spin_local_gen"))
+    tables = {k: v for r in runs for k, v in r["tables"].items()}
+    assert {"samples/iter0", "samples/iter1", "eval/models_iter0", "eval/models_iter1",
+            "benchmark/table"} <= set(tables)
+    samples = tables["samples/iter0"]
+    assert samples["columns"] == ["id", "prompt", "real", "generated"] and len(samples["data"]) == 16
+    store = {r["id"]: r for r in SyntheticStore(os.path.join(run["run_dir"], "iter0", "synthetic")).rows()}
+    for row in samples["data"]:
+        assert [store[row[0]][k] for k in ("prompt", "real", "generated")] == row[1:]
+    assert len(tables["benchmark/table"]["data"]) == 6
+    summary = {k: v for r in runs for k, v in r["summary"].items()}
+    assert summary["iter1/steps"] == 4 and "benchmark/iter1/spin_local_mc/acc_norm,none" in summary
+
+
+def test_a_wandb_that_cannot_start_is_one_warning_and_training_goes_on(tmp_path):
+    import subprocess
+
+    out = str(tmp_path / "runs")
+    env = dict(os.environ, WANDB_MODE="bogus-mode", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    p = subprocess.run([sys.executable, "-c", (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from spin_jax import tracking\nfrom spin_jax.config import load_config\n"
+        f"cfg = load_config('{CONFIG}', ['tracking.wandb.project=p', 'runs_dir={out}'])\n"
+        "with tracking.start(cfg, 'train iter0') as tr:\n"
+        "    tr.update(0, 1, {'loss': 0.5}); print('ON' if tr.on else 'OFF')")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "OFF"
+    warnings = [line for line in p.stderr.splitlines() if "W&B did not start" in line]
+    assert len(warnings) == 1 and "Traceback" not in p.stderr, p.stderr
+
+
 def test_evaluate_of_an_untrained_iteration_names_the_train_command(run):
     p = cli(["evaluate", "--config", CONFIG, "--iter", "2", *run["sets"]])
     out, _ = p.communicate(timeout=300)
@@ -97,7 +168,7 @@ def test_report_renders_markdown_and_pngs_of_the_expected_size(run):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     md = open(os.path.join(out_dir, "report.md"), encoding="utf-8").read()
-    for png in ("train_curves.png", "heldout.png"):
+    for png in ("train_curves.png", "heldout.png", "benchmarks.png"):
         assert f"]({png})" in md  # relative link: the directory reads offline
         path = os.path.join(out_dir, png)
         assert os.path.getsize(path) > 10_000
@@ -108,6 +179,14 @@ def test_report_renders_markdown_and_pngs_of_the_expected_size(run):
         assert SyntheticStore(os.path.join(run["run_dir"], f"iter{t}", "synthetic")).digest() in md
     assert "`train.beta`" in md and "`data.eval_split`" in md
     assert "| iter1 (θ2 vs θ1) | 4 |" in md
+    bench = md[md.index("## Benchmarks"):]
+    head = "| model | spin_local_mc (acc_norm, 0-shot) | spin_local_gen (exact_match, 0-shot) | average |"
+    assert head in bench and "a --limit of their documents" in bench
+    records = rundir.read_benchmarks(os.path.join(run["run_dir"], "benchmarks.jsonl"))
+    value = {(r["label"], r["task"]): r["value"] for r in records}
+    for label in ("base", "iter0", "iter1"):  # each model's row, its average over the two columns
+        mc, gen = value[(label, "spin_local_mc")], value[(label, "spin_local_gen")]
+        assert f"| {label} | {mc:.4f} | {gen:.4f} | {(mc + gen) / 2:.4f} |" in bench
 
 
 def test_export_of_a_trained_iteration_gives_transformers_our_logits(run):
@@ -167,7 +246,8 @@ def test_report_keeps_a_resumed_steps_last_values_and_refuses_a_run_without_iter
 
 
 def cli(args, progress_flag=True):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               WANDB_MODE="offline", WANDB_SILENT="true")
     return subprocess.Popen([sys.executable, "-m", "spin_jax", *args, *(["--no-progress"] if progress_flag else [])],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
