@@ -28,7 +28,7 @@ TPU_STAMP := $(VENV)/.stamp-tpu-$(TPU_HASH)
 # The TPU compiler lives apart, on PYTHONPATH for `plan` and its tests only: other commands never see libtpu.
 TPU_PATH := $(VENV)/tpu
 
-.PHONY: venv venv-dev venv-tpu plan lint test train generate spin bench bench-generate bench-train evaluate benchmark report export clean
+.PHONY: venv venv-dev venv-tpu plan lint test train generate spin bench bench-generate bench-train bench-lm-eval evaluate benchmark report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
@@ -79,6 +79,9 @@ bench-generate: venv-dev
 
 bench-train: venv-dev
 	$(PY) bench/bench_train.py $(ARGS)
+
+bench-lm-eval: venv-dev
+	$(PY) bench/bench_lm_eval.py $(ARGS)
 
 evaluate: venv
 	$(PY) -m spin_jax evaluate --config $(CONFIG) --iter $(ITER) $(ARGS)

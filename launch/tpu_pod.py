@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jax-version", default=None,
                    help="jax[tpu] version (default: the jax pin of requirements.txt)")
 
-    s = add("run", "run `make train|generate|spin` on every worker")
-    s.add_argument("--target", choices=("train", "generate", "spin"), default="train")
-    s.add_argument("--iter", type=int, default=0, help="iteration for train/generate (default 0)")
+    s = add("run", "run `make train|generate|spin|evaluate|benchmark` on every worker")
+    s.add_argument("--target", choices=("train", "generate", "spin", "evaluate", "benchmark"), default="train")
+    s.add_argument("--iter", type=int, default=0, help="iteration for train/generate/evaluate/benchmark (default 0)")
+    s.add_argument("--tasks", default=None, help="for benchmark: lm-eval tasks or a preset, e.g. open_llm")
     s.add_argument("--iters", type=int, default=2, help="iterations for spin (default 2)")
     s.add_argument("--config",
                    help="config file in the repo (default: the Makefile's, configs/cpu_default.yaml)")
@@ -156,6 +157,10 @@ def cmd_install(args) -> list[list[str]]:
 def cmd_run(args) -> list[list[str]]:
     make = ["make", args.target]
     make.append(f"ITERS={args.iters}" if args.target == "spin" else f"ITER={args.iter}")
+    if args.tasks:
+        if args.target != "benchmark" or not re.fullmatch(r"[\w,.-]+", args.tasks):
+            raise LaunchError(f"--tasks {args.tasks!r}: goes with --target benchmark, as comma-separated task names")
+        make.append(f"TASKS={args.tasks}")
     if args.config:
         make.append(f"CONFIG={shlex.quote(args.config)}")
     # every worker joins one JAX process group; JAX finds the workers itself on a TPU VM slice

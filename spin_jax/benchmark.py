@@ -74,7 +74,8 @@ class SpinLM(_template_lm()):
         self._max_gen_toks = max_gen_toks
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.layout, self.decode_phases = layout, decode_phases
-        self._params = self._fn = self._sampler = self._decode_params = None
+        self._params = self._sampler = self._decode_params = None
+        self._fns: dict = {}  # (contexts, group size) -> (scoring program, its input shardings)
         self.truncated = 0  # requests whose context was cut from the left
 
     # -- what lm-eval asks of a model -----------------------------------------------------------
@@ -126,7 +127,9 @@ class SpinLM(_template_lm()):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(summed log-prob, is_greedy) of each (key, context ids, continuation ids), in input order.
-        A context + continuation over max_length + 1 tokens keeps its last max_length + 1 (HFLM)."""
+        A context + continuation over max_length + 1 tokens keeps its last max_length + 1 (HFLM).
+        Requests with the same context (a multiple-choice question's choices) are one group of the
+        grouped layout: the context is computed once for all of its continuations."""
         from tqdm import tqdm
 
         if not requests:
@@ -141,25 +144,26 @@ class SpinLM(_template_lm()):
             cont = list(cont)[-self.max_length:]
             prompts.append(whole[:len(whole) - len(cont)])
             conts.append(cont)
-        order = sorted(range(len(requests)), key=lambda i: -(len(prompts[i]) + len(conts[i])))
-        fn, params = self._scorer()
-        rows, in_sharding = self.batch_size, scoring.grouped_shardings(self.mesh, self.batch_size)
         out: list = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="loglikelihood", unit="request",
                    disable=disable_tqdm or not self.progress)
-        for start in range(0, len(order), rows):
-            idx = order[start:start + rows]
-            p = [prompts[i] for i in idx] + [prompts[idx[0]]] * (rows - len(idx))
-            r = [conts[i] for i in idx] + [conts[idx[0]]] * (rows - len(idx))
-            packed = tokenize.pack_grouped(p, r, tokenize.bucket(max(map(len, p))), tokenize.bucket(max(map(len, r))),
+        for g, batch in context_batches(prompts, conts, self.batch_size):
+            n = min(self.batch_size, tokenize.bucket(len(batch), 1))  # contexts: few shapes for short batches
+            fn, params, in_sharding = self._scorer(n, g)
+            batch = batch + [batch[0]] * (n - len(batch))  # a short batch repeats its first group
+            groups = [ix + [ix[0]] * (g - len(ix)) for ix in batch]  # a short group repeats its first request
+            p = [prompts[ix[0]] for ix in groups]
+            r = [conts[i] for ix in groups for i in ix]
+            packed = tokenize.pack_grouped(p, r, length_bucket(max(map(len, p))), tokenize.bucket(max(map(len, r)), 2),
                                            self.pad_id)
             logps, greedy = fn(params, jax.device_put(packed, in_sharding))
             logps, greedy = np.asarray(logps, np.float64), np.asarray(greedy)
-            for j, i in enumerate(idx):
-                out[i] = (float(logps[j]), bool(greedy[j]))
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
-            bar.update(len(idx))
+            for j, i in enumerate(i for ix in groups for i in ix):
+                if out[i] is None:
+                    out[i] = (float(logps[j]), bool(greedy[j]))
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+                    bar.update(1)
         bar.close()
         return out
 
@@ -239,13 +243,20 @@ class SpinLM(_template_lm()):
                 ids.add(int(one[0]))
         return tuple(sorted(ids))
 
-    def _scorer(self):
-        if self._fn is None:
+    def _scorer(self, contexts: int, group: int):
+        """The scoring program for batches of `contexts` contexts with `group` continuations each,
+        its input shardings, and the params in its layout."""
+        if self._params is None:
             from spin_jax.model import transformer
 
-            self._fn = scoring.logps_fn(self.cfg, self.mesh, self.vocab_chunk, self.batch_size, greedy=True)
             self._params = transformer.shard_params(self.model.params, self.cfg, self.mesh)
-        return self._fn, self._params
+        key = (contexts, group)
+        if key not in self._fns:
+            rows = contexts * group
+            self._fns[key] = (scoring.logps_fn(self.cfg, self.mesh, self.vocab_chunk, rows, group, greedy=True),
+                              scoring.grouped_shardings(self.mesh, rows, group))
+        fn, in_sharding = self._fns[key]
+        return fn, self._params, in_sharding
 
     def _decoder(self):
         if self._sampler is None:
@@ -255,6 +266,33 @@ class SpinLM(_template_lm()):
                                     decode_phases=self.decode_phases, layout=self.layout)
             self._decode_params = self._sampler.place(self.model.params)
         return self._sampler, self._decode_params
+
+
+def length_bucket(n: int) -> int:
+    """A context's padded length: n rounded up to an eighth of its power of two (at least 16), so
+    at most ~1/8 is padding (lm-eval's contexts are long and many: finer than training's powers of
+    two, for a few more compiled shapes)."""
+    b = tokenize.bucket(n)
+    step = max(16, b // 8)
+    return min(b, -(-n // step) * step)
+
+
+def context_batches(prompts: Sequence[list[int]], conts: Sequence[list[int]], contexts: int, most: int = 16):
+    """Batches of request indices for the grouped layout: requests with the same context form a
+    group (of at most `most`, more are split); a batch holds `contexts` groups of g continuations,
+    g the next power of two of its groups' sizes, longest first. Yields (g, [[index, ...] per group])."""
+    by_context: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_context.setdefault(tuple(p), []).append(i)
+    groups = [ix[k:k + most] for ix in by_context.values() for k in range(0, len(ix), most)]
+    size = {id(ix): tokenize.bucket(len(ix), 1) for ix in groups}
+    groups.sort(key=lambda ix: (size[id(ix)], -len(prompts[ix[0]]) - max(len(conts[i]) for i in ix)))
+    k = 0
+    while k < len(groups):
+        g = size[id(groups[k])]
+        batch = [ix for ix in groups[k:k + contexts] if size[id(ix)] == g]
+        yield g, batch
+        k += len(batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +419,8 @@ def evaluate_tasks(lm: SpinLM, tm, tasks: Sequence[tuple[str, Optional[int]]], l
     return merged
 
 
-def write_results(path: str, results: dict, model_name: str, model_source: str) -> str:
+def write_results(path: str, results: dict, model_name: str, model_source: str, chat_template=None,
+                  fewshot_as_multiturn: bool = False) -> str:
     """`results` as lm-eval --output_path writes them (the same keys, plus the run's general
     config), at exactly `path`; samples, if logged, beside it as <stem>.samples.<task>.jsonl."""
     from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
@@ -389,8 +428,8 @@ def write_results(path: str, results: dict, model_name: str, model_source: str) 
 
     general = GeneralConfigTracker()
     general.log_experiment_args(model_source=model_source, model_args=f"pretrained={model_name}",
-                                system_instruction=None, chat_template=results.get("chat_template"),
-                                fewshot_as_multiturn=bool(results.get("fewshot_as_multiturn")))
+                                system_instruction=None, chat_template=chat_template,
+                                fewshot_as_multiturn=fewshot_as_multiturn)
     general.log_end_time()
     samples = results.pop("samples", None) or {}
     out = dict(results, task_hashes={t: hash_string("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"]
@@ -437,7 +476,8 @@ def benchmark_model(spec: str, tasks, output: str, limit=None, batch_size: int =
         log.warning(f"{lm.truncated} requests were longer than the model's {lm.max_length} positions and were "
                     "cut from the left")
     table = format_table(results)
-    write_results(output, results, spec, "spin_jax")
+    write_results(output, results, spec, "spin_jax", lm.chat_template(True) if apply_chat_template else None,
+                  fewshot_as_multiturn=apply_chat_template)
     print(table)
     return results
 

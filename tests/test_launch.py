@@ -94,6 +94,13 @@ def test_run_spin_and_a_bad_override(tmp_path, fake_bin):
     assert p.returncode == 2 and "--set" in p.stderr and "KEY=VALUE" in p.stderr and len(calls) == 1
 
 
+def test_run_benchmark_passes_its_tasks_and_refuses_them_elsewhere(tmp_path, fake_bin):
+    _, calls = ok(["run", *SETTINGS, "--target", "benchmark", "--iter", "1", "--tasks", "open_llm"], tmp_path, fake_bin)
+    assert "make benchmark ITER=1 TASKS=open_llm ARGS=" in calls[0][calls[0].index("--command") + 1]
+    p, calls = launch(["run", *SETTINGS, "--tasks", "open_llm"], tmp_path, [fake_bin])
+    assert p.returncode == 2 and "--target benchmark" in p.stderr
+
+
 def test_copy_scp_from_worker_0_or_rsync_from_gcs(tmp_path, fake_bin):
     _, calls = ok(["copy", *SETTINGS, "--run", "zephyr", "--dest", "out"], tmp_path, fake_bin)
     assert calls == [["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", "--worker=0",
