@@ -90,12 +90,20 @@ def test_tiny_model_matches_hflm_with_contexts_cut_to_the_model_length(tiny_mode
     check(parity(ours, evaluate(hflm(ref_model, model.tokenizer, 24), tm)))
 
 
-def test_smollm2_matches_hflm_on_every_request_type(smollm2, smollm2_torch, tm):
-    """The real SmolLM2-135M-Instruct, our GGUF loader vs transformers' (with our tokenizer, which
-    pre-tokenizes digits as SmolLM2 does, given to both)."""
-    lm = benchmark.SpinLM(smollm2, batch_size=8, max_length=512, progress=False)
+def test_smollm2_matches_hflm_on_every_request_type(smollm2, tm, tmp_path):
+    """The real SmolLM2-135M-Instruct, its weights as an HF directory that transformers loads (the
+    GGUF's dequantization is checked against transformers' own in test_model_parity), with our
+    tokenizer, which pre-tokenizes digits as SmolLM2 does, given to both."""
+    from transformers import AutoModelForCausalLM
+
+    from spin_jax.io import hf
+
+    hf.export_hf_dir(smollm2.params, smollm2.cfg, str(tmp_path / "smollm2"), smollm2.tokenizer)
+    ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "smollm2"), dtype=torch.float32).eval()
+    lm = benchmark.SpinLM(smollm2, mesh=sharding.make_local_mesh(devices=jax.devices()[:1]), batch_size=8,
+                          max_length=512, progress=False)  # 8 devices = 1: the next test
     ours = evaluate(lm, tm)
-    table = parity(ours, evaluate(hflm(smollm2_torch, smollm2.tokenizer, 512), tm))
+    table = parity(ours, evaluate(hflm(ref_model, smollm2.tokenizer, 512), tm))
     check(table)
     # a real model answers some of the sums and picks some of the right choices
     assert table["spin_local_gen"]["metrics"]["exact_match,first-number"][0] > 0
