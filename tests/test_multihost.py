@@ -112,8 +112,9 @@ def test_two_processes_of_4_devices_train_like_one_process_of_8(tiny_model_dir, 
     assert {p for p in w1 if "/shard-" in p} == {os.path.join(synthetic, "shard-00001-000001.jsonl")}
     assert {p for p in w0 if "/shard-" in p} == {os.path.join(synthetic, "shard-00000-000000.jsonl")}
     # nothing was written by both processes, except the store's index (rewritten under its lock
-    # file by each host for its own shards) and orbax's per-process checkpoint files
-    shared_index = {os.path.join(synthetic, n) for n in ("manifest.json", ".lock")}
+    # file by each host for its own shards) and orbax's per-process checkpoint files; os.devnull is
+    # no file (`dill`, which TFDS imports where it is installed, opens it for writing)
+    shared_index = {os.path.join(synthetic, n) for n in ("manifest.json", ".lock")} | {os.devnull}
     both = {p for p in w0 & w1 if p not in shared_index}
     assert not both, sorted(both)
     assert not any(p.startswith(data_dir) for p in w1)  # host 0 prepared the shared data_dir
