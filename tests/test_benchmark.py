@@ -110,6 +110,30 @@ def test_smollm2_matches_hflm_on_every_request_type(smollm2, tm, tmp_path):
     assert table["spin_local_mc"]["metrics"]["acc,none"][0] > 0.25
 
 
+def test_chat_template_requests_match_hflm(tiny_model_dir, tm):
+    """--apply-chat-template: the same rendered requests (SmolLM2's ChatML with its system turn) and
+    the same answers as HFLM's."""
+    from transformers import AutoModelForCausalLM
+
+    from spin_jax.io.load import load_model
+
+    model = load_model(tiny_model_dir)
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tasks = [("spin_local_mc", 0), ("spin_local_gen", 0)]
+    ours, ref = (benchmark.evaluate_tasks(lm, tm, tasks, limit=4, apply_chat_template=True, log_samples=True)
+                 for lm in (benchmark.SpinLM(model, batch_size=8, max_length=128, progress=False),
+                            hflm(ref_model, model.tokenizer, 128)))
+    for task, _ in tasks:
+        for sa, sb in zip(ours["samples"][task], ref["samples"][task]):
+            assert sa["arguments"] == sb["arguments"] and "<|im_start|>assistant\n" in sa["arguments"][0][0]
+            for ra, rb in zip(sa["resps"], sb["resps"]):
+                ra, rb = ra[0], rb[0]
+                if isinstance(rb, str):
+                    assert ra == rb
+                else:
+                    assert ra[1] == rb[1] and ra[0] == pytest.approx(rb[0], rel=1e-4)
+
+
 def test_sharded_over_8_devices_gives_the_one_device_numbers(tiny_model_dir, tm):
     from spin_jax.io.load import load_model
 
