@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from lm_eval.api.model import TemplateLM
 
 from spin_jax import rundir, scoring, sharding, tracking
 from spin_jax.data import tokenize
@@ -54,13 +55,7 @@ TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k", "until", "max_gen_toks")
 
 
-def _template_lm():
-    from lm_eval.api.model import TemplateLM
-
-    return TemplateLM
-
-
-class SpinLM(_template_lm()):
+class SpinLM(TemplateLM):
     """An lm-eval model on a loaded spin_jax model (`io.load.LoadedModel`), on this host's devices."""
 
     def __init__(self, model, mesh=None, batch_size: int = 8, max_length: Optional[int] = None,
@@ -452,13 +447,6 @@ def _write_samples(path: str, rows: list) -> None:
                                       for r in rows))
 
 
-def format_table(results: dict) -> str:
-    """lm-eval's own Markdown table of a results dict."""
-    from lm_eval.utils import make_table
-
-    return make_table(results)
-
-
 def benchmark_model(spec: str, tasks, output: str, limit=None, batch_size: int = 8, max_length=None,
                     include_paths=(), apply_chat_template: bool = False, log_samples: bool = False,
                     dtype=None, chat_template=None, progress: bool = True) -> dict:
@@ -475,7 +463,9 @@ def benchmark_model(spec: str, tasks, output: str, limit=None, batch_size: int =
     if lm.truncated:
         log.warning(f"{lm.truncated} requests were longer than the model's {lm.max_length} positions and were "
                     "cut from the left")
-    table = format_table(results)
+    from lm_eval.utils import make_table
+
+    table = make_table(results)  # lm-eval's own Markdown table
     write_results(output, results, spec, "spin_jax", lm.chat_template(True) if apply_chat_template else None,
                   fewshot_as_multiturn=apply_chat_template)
     print(table)

@@ -34,54 +34,40 @@ def token_logps_chunked(hidden, w_out, labels, vocab_chunk: int, unroll: bool = 
     """Per-token log-probs [B, T] from hidden [B, T, D] and the output matrix w_out [D, V],
     computing the logits `vocab_chunk` columns at a time, so [B, T, V] fp32 never exists at once.
     cap: soft-cap the logits first (`softcap`)."""
-    b, t, _ = hidden.shape
     v = w_out.shape[1]
     hidden = constrain(hidden, ("batch", "length", "act_embed"))
     if vocab_chunk <= 0 or vocab_chunk >= v:
         return _token_logps(hidden, w_out, labels, cap)
-    n = -(-v // vocab_chunk)
-    pad = n * vocab_chunk - v
-    w = jnp.pad(w_out, ((0, 0), (0, pad))).reshape(w_out.shape[0], n, vocab_chunk).transpose(1, 0, 2)
-
-    def body(carry, xs):
-        m, s, picked = carry
-        w_c, start = xs
-        logits = jnp.einsum("btd,dv->btv", hidden, w_c, preferred_element_type=jnp.float32)
-        logits = softcap(constrain(logits, LOGITS), cap)  # rows over the batch axes, the chunk over tensor
-        cols = start + jnp.arange(vocab_chunk)
-        logits = jnp.where(cols < v, logits, -jnp.inf)
-        m_new = jnp.maximum(m, logits.max(-1))
-        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
-        local = labels - start
-        hit = (local >= 0) & (local < vocab_chunk)
-        got = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab_chunk - 1)[..., None], -1)[..., 0]
-        return (m_new, s, jnp.where(hit, got, picked)), None
-
-    init = (jnp.full((b, t), -jnp.inf, jnp.float32), jnp.zeros((b, t), jnp.float32),
-            jnp.zeros((b, t), jnp.float32))
-    (m, s, picked), _ = jax.lax.scan(body, init, (w, jnp.arange(n) * vocab_chunk), unroll=True if unroll else 1)
-    return picked - (m + jnp.log(s))
+    return _chunked_logps(hidden, w_out, labels, vocab_chunk, unroll, cap, argmax=False)[0]
 
 
 def token_logps_and_argmax(hidden, w_out, labels, vocab_chunk: int, unroll: bool = False, cap=None):
     """Per-token log-probs [B, T] and the most likely token [B, T] (the first of equal logits, as
     numpy's and torch's argmax pick), `vocab_chunk` vocab columns at a time (0: all at once). No
     gradient: for scoring, e.g. lm-eval's is_greedy."""
+    v = w_out.shape[1]
+    hidden = constrain(hidden, ("batch", "length", "act_embed"))
+    return _chunked_logps(hidden, w_out, labels, v if vocab_chunk <= 0 or vocab_chunk >= v else vocab_chunk,
+                          unroll, cap, argmax=True)
+
+
+def _chunked_logps(hidden, w_out, labels, chunk: int, unroll: bool, cap, argmax: bool):
+    """(log-probs [B, T], argmax [B, T] or None): an online log-sum-exp over the vocab in chunks of
+    `chunk` columns, picking the labels' logits (and tracking the largest logit's index) as it goes."""
     b, t, _ = hidden.shape
     v = w_out.shape[1]
-    chunk = v if vocab_chunk <= 0 or vocab_chunk >= v else vocab_chunk
     n = -(-v // chunk)
-    hidden = constrain(hidden, ("batch", "length", "act_embed"))
     w = jnp.pad(w_out, ((0, 0), (0, n * chunk - v))).reshape(w_out.shape[0], n, chunk).transpose(1, 0, 2)
 
     def body(carry, xs):
         m, s, picked, best = carry
         w_c, start = xs
         logits = jnp.einsum("btd,dv->btv", hidden, w_c, preferred_element_type=jnp.float32)
-        logits = softcap(constrain(logits, LOGITS), cap)
+        logits = softcap(constrain(logits, LOGITS), cap)  # rows over the batch axes, the chunk over tensor
         logits = jnp.where(start + jnp.arange(chunk) < v, logits, -jnp.inf)
         top = logits.max(-1)
-        best = jnp.where(top > m, start + jnp.argmax(logits, -1).astype(jnp.int32), best)  # ties keep the earlier
+        if argmax:  # ties keep the earlier index
+            best = jnp.where(top > m, start + jnp.argmax(logits, -1).astype(jnp.int32), best)
         m_new = jnp.maximum(m, top)
         s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
         local = labels - start
@@ -90,7 +76,7 @@ def token_logps_and_argmax(hidden, w_out, labels, vocab_chunk: int, unroll: bool
         return (m_new, s, jnp.where(hit, got, picked), best), None
 
     init = (jnp.full((b, t), -jnp.inf, jnp.float32), jnp.zeros((b, t), jnp.float32),
-            jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.int32))
+            jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.int32) if argmax else None)
     (m, s, picked, best), _ = jax.lax.scan(body, init, (w, jnp.arange(n) * chunk), unroll=True if unroll else 1)
     return picked - (m + jnp.log(s)), best
 

@@ -297,21 +297,30 @@ def read_metrics(path: str) -> list[dict]:
 def read_eval_jsonl(path: str) -> list[dict]:
     """eval.jsonl records in file order (empty if the file does not exist); a bad line names the
     file and line."""
+    return _read_records(path, ("iteration", "spin", "models"), "`spin-jax evaluate`", "delete the line")
+
+
+def _read_records(path: str, keys: Sequence[str], writer: str, fix: str, torn_last: bool = False) -> list[dict]:
+    """The JSON lines of an appended record file, each a dict with `keys`; a bad line is an error
+    naming the file, the line and `fix`. torn_last: a malformed last line (a killed writer) is left out."""
     if not os.path.exists(path):
         return []
-    out = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        lines = f.read().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if torn_last and n == len(lines):
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); delete the line") from None
-            for key in ("iteration", "spin", "models"):
-                if not isinstance(rec, dict) or key not in rec:
-                    raise ValueError(f"{path}:{n}: no {key!r} key; eval.jsonl lines come from `spin-jax evaluate`")
-            out.append(rec)
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); {fix}") from None
+        for key in keys:
+            if not isinstance(rec, dict) or key not in rec:
+                raise ValueError(f"{path}:{n}: no {key!r} key; {os.path.basename(path)} lines come from {writer}")
+        out.append(rec)
     return out
 
 
@@ -341,26 +350,8 @@ def append_jsonl(path: str, record: dict) -> None:
 def read_benchmarks(path: str) -> list[dict]:
     """benchmarks.jsonl's records in file order (empty if there is none). A torn last line (a
     killed run) is left out: its model and task are scored again."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                continue
-            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); delete the line (its model and task are "
-                             "scored again)") from None
-        for key in ("label", "task", "value"):
-            if not isinstance(rec, dict) or key not in rec:
-                raise ValueError(f"{path}:{n}: no {key!r} key; benchmarks.jsonl lines come from `spin-jax benchmark`")
-        out.append(rec)
-    return out
+    return _read_records(path, ("label", "task", "value"), "`spin-jax benchmark`",
+                         "delete the line (its model and task are scored again)", torn_last=True)
 
 
 def latest_evals(run_dir: str) -> dict[int, dict]:
