@@ -42,6 +42,13 @@ SUMMARY_KEYS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", 
 # Paths
 
 
+def cache_home(*parts: str) -> str:
+    """spin_jax's folder in the user's cache (~/.cache/spin_jax, or $XDG_CACHE_HOME/spin_jax): joined
+    embedded models, compiled programs."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "spin_jax", *parts)
+
+
 def iter_dir(run_dir: str, t: int) -> str:
     return os.path.join(run_dir, f"iter{t}")
 

