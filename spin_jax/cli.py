@@ -54,6 +54,20 @@ def user_message(e: BaseException) -> str:
     return str(e)
 
 
+def check_inputs(args) -> None:
+    """Files the user named that a command reads: a missing one is a usage error (exit 2), found
+    before any model is loaded."""
+    from spin_jax.config import CHAT_TEMPLATES
+
+    template = getattr(args, "chat_template", None)
+    if template and template not in CHAT_TEMPLATES and not os.path.isfile(template):
+        raise UsageError(f"--chat-template {template}: neither a known template ({', '.join(CHAT_TEMPLATES)}) "
+                         "nor an existing Jinja file")
+    path = getattr(args, "input", None)
+    if path and not os.path.exists(path):
+        raise UsageError(f"--input {path}: no such file")
+
+
 def enable_compile_cache() -> None:
     """JAX's persistent compilation cache, so a rerun, a resumed run or the next iteration loads
     the sampler's, scorer's and train step's compiled programs instead of compiling them again.
@@ -66,8 +80,7 @@ def enable_compile_cache() -> None:
     if path.lower() in ("off", "0", "false", "none"):
         return
     if not path:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "spin_jax", "xla")
+        path = rundir.cache_home("xla")
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
@@ -247,6 +260,7 @@ def cmd_benchmark(args) -> None:
         (bool(args.model) and bool(args.set), "--set goes with --config")) if bad]
     if problems:
         raise UsageError("; ".join(problems))
+    check_inputs(args)
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
     common = dict(limit=limit, max_length=args.max_length, include_paths=args.include_path,
                   apply_chat_template=args.apply_chat_template, log_samples=args.log_samples,
@@ -308,7 +322,7 @@ def cmd_export(args) -> None:
 def cmd_sample(args) -> None:
     from spin_jax import scoring
     from spin_jax.data import tokenize
-    from spin_jax.io.load import load_model
+    from spin_jax.io.load import load_model, model_config_only
     from spin_jax.sampling import Sampler, SamplingParams, progress_bar
 
     if args.input and not args.output:
@@ -324,6 +338,11 @@ def cmd_sample(args) -> None:
         (args.batch_size < 1, f"--batch-size {args.batch_size}: must be >= 1")) if bad]
     if problems:
         raise UsageError("; ".join(problems))
+    check_inputs(args)
+    context = model_config_only(args.model).max_position_embeddings
+    if args.max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens, and the "
+                         f"prompt needs some of them; use at most {context - 1}")
     lines: list[int] = []
     rows = [{"prompt": args.prompt}] if args.prompt else scoring.read_jsonl(args.input, ("prompt",), lines)
     model = load_model(args.model, dtype=args.dtype, chat_template=args.chat_template,
@@ -361,6 +380,7 @@ def cmd_score(args) -> None:
                              ("--vocab-chunk", args.vocab_chunk, 0)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be >= {low}")
+    check_inputs(args)
     rundir.check_output_file(args.output, "--output", inputs=[args.input])
     lines: list[int] = []
     rows = scoring.read_jsonl(args.input, ("prompt", "response"), lines)

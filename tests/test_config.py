@@ -98,6 +98,17 @@ def test_malformed_inputs_are_one_clear_error(tmp_path):
      "--temperature 0.0: must be > 0; for deterministic sampling use --greedy"),
     (["sample", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
     (["sample", "--prompt", "hi", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["sample", "--prompt", "hi", "--max-new-tokens", "100000000"],
+     "--max-new-tokens 100000000: the model's context is 8192 tokens, and the prompt needs some of them; use at "
+     "most 8191"),
+    (["sample", "--prompt", "hi", "--chat-template", "no/such.jinja"],
+     "--chat-template no/such.jinja: neither a known template (gemma, chatml, llama3) nor an existing Jinja file"),
+    (["sample", "--input", "no/such.jsonl", "--output", "y.jsonl"], "--input no/such.jsonl: no such file"),
+    (["score", "--input", "no/such.jsonl", "--output", "y.jsonl"], "--input no/such.jsonl: no such file"),
+    (["score", "--input", "x.jsonl", "--output", "y.jsonl", "--chat-template", "no/such.jinja"],
+     "--chat-template no/such.jinja: neither a known template"),
+    (["benchmark", "--model", "m", "--output", "o.json", "--tasks", "spin_local", "--chat-template", "no/such.jinja"],
+     "--chat-template no/such.jinja: neither a known template"),
     (["score", "--input", "x.jsonl", "--output", "y.jsonl", "--batch-size", "-1"], "--batch-size -1: must be >= 1"),
     (["train", "--iter", "0", "--set", "train.global_batch_size=-8"], "train.global_batch_size=-8: >= 1"),
 ])
