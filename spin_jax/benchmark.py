@@ -313,15 +313,22 @@ def parse_tasks(spec: str, num_fewshot: Optional[int] = None) -> list[tuple[str,
     return out
 
 
-def task_manager(include_paths: Sequence[str] = ()):
-    """lm-eval's TaskManager over its own tasks, spin_jax's local ones and the user's --include-path."""
+def task_manager(include_paths: Sequence[str] = (), names: Optional[Sequence[str]] = None):
+    """lm-eval's TaskManager over spin_jax's local tasks and the user's --include-path, with lm-eval's
+    own tasks (an index of every YAML file it ships, seconds to build) only when `names` needs one
+    of them or is not given."""
     quiet_lm_eval()
     for path in include_paths:
         if not os.path.isdir(path):
             raise UsageError(f"--include-path {path}: not a directory (a folder of lm-eval task YAML files)")
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[TASKS_DIR, *include_paths])
+    paths = [TASKS_DIR, *include_paths]
+    if names is not None:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if set(names) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=paths)
 
 
 def check_tasks(tm, names: Sequence[str]) -> None:
@@ -454,7 +461,7 @@ def benchmark_model(spec: str, tasks, output: str, limit=None, batch_size: int =
     from spin_jax.io.load import load_model
 
     rundir.check_output_file(output, "--output")
-    tm = task_manager(include_paths)
+    tm = task_manager(include_paths, [t for t, _ in tasks])
     check_tasks(tm, [t for t, _ in tasks])
     model = load_model(spec, dtype=dtype, chat_template=chat_template, template_option="--chat-template")
     lm = SpinLM(model, batch_size=batch_size, max_length=max_length, progress=progress)
@@ -484,7 +491,7 @@ def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = No
     path = os.path.join(cfg.run_dir, rundir.BENCHMARKS)
     if jax.process_index() == 0:
         rundir.check_output_file(path, "the run directory's benchmarks.jsonl")
-    tm = task_manager(include_paths)
+    tm = task_manager(include_paths, [name for name, _ in tasks])
     check_tasks(tm, [name for name, _ in tasks])
     done = {record_key(r) for r in rundir.read_benchmarks(path)}
     mesh = sharding.local_mesh_from_config(cfg.mesh)  # every host scores on its own devices; host 0 writes
