@@ -1,6 +1,6 @@
 # spin_jax: every target builds or refreshes its own virtual environment first.
 #   make train ITER=0            one SPIN iteration with the CPU default config
-#   make test                    ruff, then the test suite (installs the test extras too)
+#   make test                    ruff, then the test suite (installs the test extras too; TEST_WORKERS=2 processes)
 #   make lint                    ruff only (lint + import order)
 #   make evaluate ITER=0         held-out metrics of iteration 0's model -> runs/<run>/eval.jsonl
 #   make benchmark ITER=0 TASKS=open_llm   lm-eval tasks on θ0 .. θ1 -> runs/<run>/benchmarks.jsonl
@@ -17,6 +17,8 @@ RUN ?=
 OUT ?=
 TOPOLOGY ?= v5e-8
 TASKS ?= spin_local
+# pytest-xdist workers for make test (0: one process); each test file runs whole in one worker
+TEST_WORKERS ?= 2
 
 PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt requirements-embedded.txt pyproject.toml | sha1sum | cut -c1-12)
@@ -28,7 +30,7 @@ TPU_STAMP := $(VENV)/.stamp-tpu-$(TPU_HASH)
 # The TPU compiler lives apart, on PYTHONPATH for `plan` and its tests only: other commands never see libtpu.
 TPU_PATH := $(VENV)/tpu
 
-.PHONY: venv venv-dev venv-tpu plan lint test train generate spin bench bench-generate bench-train bench-lm-eval evaluate benchmark report export clean
+.PHONY: venv venv-dev venv-tpu plan lint test train generate spin bench bench-generate bench-train bench-lm-eval bench-tests evaluate benchmark report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
@@ -58,7 +60,7 @@ lint: venv-dev
 	$(VENV)/bin/ruff check .
 
 test: lint venv-tpu
-	SPIN_JAX_TPU_PATH=$(TPU_PATH) $(PY) -m pytest -q $(ARGS)
+	SPIN_JAX_TPU_PATH=$(TPU_PATH) $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) --durations=15 $(ARGS)
 
 plan: venv-tpu
 	PYTHONPATH=$(TPU_PATH) $(PY) -m spin_jax plan --config $(CONFIG) --topology $(TOPOLOGY) $(ARGS)
@@ -82,6 +84,9 @@ bench-train: venv-dev
 
 bench-lm-eval: venv-dev
 	$(PY) bench/bench_lm_eval.py $(ARGS)
+
+bench-tests:
+	$(PYTHON) bench/bench_tests.py $(ARGS)
 
 evaluate: venv
 	$(PY) -m spin_jax evaluate --config $(CONFIG) --iter $(ITER) $(ARGS)

@@ -1,16 +1,42 @@
-"""Test set-up: 8 host CPU devices (before jax is imported), fp32 matmuls, shared fixtures."""
+"""Test set-up: 8 host CPU devices (before jax is imported), fp32 matmuls, one compilation cache
+for the session, shared fixtures."""
 
+import glob
+import hashlib
 import os
+
+from spin_jax import rundir  # no JAX: the environment below is set before jax is imported
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def session_compile_cache() -> str:
+    """The persistent compilation cache of every test session on this machine: in-process tests and
+    every CLI run they start read and write it, so a program compiles once, and a rerun loads it.
+    Its folder is keyed by the requirement files (jax, jaxlib and XLA's flags are in each entry's
+    key). SPIN_JAX_COMPILE_CACHE set before pytest wins (off: no cache)."""
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(ROOT, "requirements*.txt"))):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return rundir.cache_home(f"xla-tests-{digest.hexdigest()[:12]}")
+
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("SPIN_JAX_COMPILE_CACHE", "off")  # no compiled programs in ~/.cache from tests
+os.environ.setdefault("SPIN_JAX_COMPILE_CACHE", session_compile_cache())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs too: tests compile many
+# LRU eviction past 4 GiB; it also takes a file lock around each read and write, which xdist's workers share
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from spin_jax.cli import enable_compile_cache  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+enable_compile_cache()
 
 pytest_plugins = ["tests.fake_hub"]  # the `fake_hub` fixture: a Hub stand-in on 127.0.0.1
 

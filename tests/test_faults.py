@@ -19,11 +19,9 @@ TRAIN = ["train", "--config", CONFIG, "--iter", "0", "--set", "train.epochs=3", 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Environment of the CLI runs: one device, and a compilation cache shared by this module."""
-    cache = str(tmp_path_factory.mktemp("xla_cache"))
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                SPIN_JAX_COMPILE_CACHE=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def env():
+    """Environment of the CLI runs: one device (and the session's compilation cache, conftest.py)."""
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
 
 
 @pytest.fixture(scope="module")
