@@ -38,6 +38,20 @@ from spin_jax.cli import enable_compile_cache  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 enable_compile_cache()
 
+SMOLLM2_FIXTURES = {"smollm2", "smollm2_torch", "smollm2_torch_tokenizer"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """xdist groups (make test runs --dist loadgroup): each file is a group of its own, so its module
+    fixtures are built once, except that the files using the session's SmolLM2 fixtures form one group,
+    so that one worker loads SmolLM2 and its PyTorch twin, not both."""
+    shared = {item.module.__name__ for item in items if SMOLLM2_FIXTURES & set(item.fixturenames)}
+    for item in items:
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("smollm2" if name in shared else name))
+
+
 pytest_plugins = ["tests.fake_hub"]  # the `fake_hub` fixture: a Hub stand-in on 127.0.0.1
 
 

@@ -187,10 +187,10 @@ for config, topology, sets in (
         # batch sizes whose token counts are none of the model's dimensions (4096, 14336, 32000) nor the vocab chunk,
         # and 128-token prompts and responses: XLA:TPU's compile time grows with the tokens per chip, the layout not
         ("configs/zephyr_ultrachat_tpu.yaml", "v5p-32", ["train.global_batch_size=48", "data.max_length=256",
-                                                         "data.max_prompt_length=128", "sampling.batch_size=24",
+                                                         "data.max_prompt_length=128", "sampling.batch_size=12",
                                                          "sampling.max_new_tokens=32"]),
-        ("configs/zephyr_lora_v5e8.yaml", "v5e-8", ["train.global_batch_size=48", "data.max_length=256",
-                                                    "data.max_prompt_length=128", "sampling.batch_size=24",
+        ("configs/zephyr_lora_v5e8.yaml", "v5e-8", ["train.global_batch_size=24", "data.max_length=256",
+                                                    "data.max_prompt_length=128", "sampling.batch_size=12",
                                                     "sampling.max_new_tokens=32"])):
     cfg = load_config(config, sets)
     m = model_config_only(cfg.model.name, cfg.model.shapes_config).replace(
