@@ -17,7 +17,7 @@ RUN ?=
 OUT ?=
 TOPOLOGY ?= v5e-8
 TASKS ?= spin_local
-# pytest-xdist workers for make test (0: one process); each test file runs whole in one worker (tests/conftest.py)
+# pytest-xdist workers for make test (0: one process); each test file runs whole in one worker
 TEST_WORKERS ?= 2
 
 PY := $(VENV)/bin/python
@@ -60,7 +60,7 @@ lint: venv-dev
 	$(VENV)/bin/ruff check .
 
 test: lint venv-tpu
-	SPIN_JAX_TPU_PATH=$(TPU_PATH) $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) --durations=15 $(ARGS)
+	SPIN_JAX_TPU_PATH=$(TPU_PATH) $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) --durations=15 $(ARGS)
 
 plan: venv-tpu
 	PYTHONPATH=$(TPU_PATH) $(PY) -m spin_jax plan --config $(CONFIG) --topology $(TOPOLOGY) $(ARGS)

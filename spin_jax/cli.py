@@ -73,7 +73,14 @@ def enable_compile_cache() -> None:
     the sampler's, scorer's and train step's compiled programs instead of compiling them again.
     Directory: $JAX_COMPILATION_CACHE_DIR if set, else $SPIN_JAX_COMPILE_CACHE, else
     ~/.cache/spin_jax/xla ($XDG_CACHE_HOME is honoured); SPIN_JAX_COMPILE_CACHE=off turns it off.
-    Only programs that took at least a second to compile are stored."""
+    Every program is stored, however short its compile (a command's start-up is many small ones),
+    and the least recently used go past 4 GiB; JAX's own variables for either setting win."""
+    import jax
+
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if not os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE"):
+        jax.config.update("jax_compilation_cache_max_size", 4 << 30)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # JAX reads it itself
     path = os.environ.get("SPIN_JAX_COMPILE_CACHE", "")
@@ -81,8 +88,6 @@ def enable_compile_cache() -> None:
         return
     if not path:
         path = rundir.cache_home("xla")
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", path)
 
 

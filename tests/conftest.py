@@ -12,7 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def session_compile_cache() -> str:
     """The persistent compilation cache of every test session on this machine: in-process tests and
-    every CLI run they start read and write it, so a program compiles once, and a rerun loads it.
+    every CLI run they start read and write it (enable_compile_cache: every program, LRU past 4 GiB,
+    a file lock around each entry that xdist's workers share), so a program compiles once, and a
+    rerun loads it.
     Its folder is keyed by the requirement files (jax, jaxlib and XLA's flags are in each entry's
     key). SPIN_JAX_COMPILE_CACHE set before pytest wins (off: no cache)."""
     digest = hashlib.sha1()
@@ -26,9 +28,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPIN_JAX_COMPILE_CACHE", session_compile_cache())
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs too: tests compile many
-# LRU eviction past 4 GiB; it also takes a file lock around each read and write, which xdist's workers share
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -37,20 +36,6 @@ from spin_jax.cli import enable_compile_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 enable_compile_cache()
-
-SMOLLM2_FIXTURES = {"smollm2", "smollm2_torch", "smollm2_torch_tokenizer"}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """xdist groups (make test runs --dist loadgroup): each file is a group of its own, so its module
-    fixtures are built once, except that the files using the session's SmolLM2 fixtures form one group,
-    so that one worker loads SmolLM2 and its PyTorch twin, not both."""
-    shared = {item.module.__name__ for item in items if SMOLLM2_FIXTURES & set(item.fixturenames)}
-    for item in items:
-        name = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("smollm2" if name in shared else name))
-
 
 pytest_plugins = ["tests.fake_hub"]  # the `fake_hub` fixture: a Hub stand-in on 127.0.0.1
 
