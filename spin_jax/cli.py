@@ -57,10 +57,10 @@ def user_message(e: BaseException) -> str:
 def check_inputs(args) -> None:
     """Files the user named that a command reads: a missing one is a usage error (exit 2), found
     before any model is loaded."""
-    from spin_jax.config import CHAT_TEMPLATES
+    from spin_jax.config import CHAT_TEMPLATES, is_chat_template
 
     template = getattr(args, "chat_template", None)
-    if template and template not in CHAT_TEMPLATES and not os.path.isfile(template):
+    if template and not is_chat_template(template):
         raise UsageError(f"--chat-template {template}: neither a known template ({', '.join(CHAT_TEMPLATES)}) "
                          "nor an existing Jinja file")
     path = getattr(args, "input", None)

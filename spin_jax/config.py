@@ -23,6 +23,11 @@ DECODE_LAYOUTS = ("auto", "tensor", "replicated", "train")
 CHAT_TEMPLATES = ("gemma", "chatml", "llama3")
 
 
+def is_chat_template(value: str) -> bool:
+    """A known template name or an existing Jinja file (model.chat_template, --chat-template)."""
+    return value in CHAT_TEMPLATES or os.path.isfile(value)
+
+
 # a Hub repo id, org/name (model.name, data.manual_dir, export --push-to-hub; spin_jax.io.hub)
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # model.lora.targets' names (spin_jax.model.lora.TARGETS maps them to the layers' weights)
@@ -252,7 +257,7 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     need(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "one of none, full, dots")
     need(m.attn_block >= 0, "model.attn_block", m.attn_block, ">= 0 (0: one block)")
     need(m.attention in ATTENTION, "model.attention", m.attention, f"one of {', '.join(ATTENTION)}")
-    need(m.chat_template is None or m.chat_template in CHAT_TEMPLATES or os.path.isfile(m.chat_template),
+    need(m.chat_template is None or is_chat_template(m.chat_template),
          "model.chat_template", m.chat_template, f"one of {', '.join(CHAT_TEMPLATES)} or an existing Jinja file")
     lo = m.lora
     need(lo.rank >= 0, "model.lora.rank", lo.rank, ">= 0 (0: full fine-tuning)")
