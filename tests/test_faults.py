@@ -280,3 +280,13 @@ def test_damaged_model_files_are_errors_that_name_the_file(tiny_model_dir, tmp_p
     bad.write_bytes(b"NOTGGUF" + bytes(64))
     with pytest.raises(ValueError, match=rf"^{bad}: not a readable GGUF file"):
         gguf_io.read_gguf(str(bad))
+    from spin_jax.io.load import resolve_model_path
+
+    real = resolve_model_path("smollm2-135m-instruct")
+    size = os.path.getsize(real)
+    for name, keep in (("empty", 0), ("cut_in_metadata", 100_000), ("cut_in_tensors", size - 1_000_000)):
+        cut = tmp_path / f"{name}.gguf"
+        with open(real, "rb") as f:
+            cut.write_bytes(f.read(keep))
+        with pytest.raises(ValueError, match=rf"^{cut}: not a readable GGUF file"):
+            gguf_io.read_gguf(str(cut))

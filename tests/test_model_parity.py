@@ -146,3 +146,21 @@ def test_attention_backward_matches_torch_float64(cap):
         assert rel_err(out, t_out.detach().numpy()) <= 1e-5
         for got, ref in zip(vjp(jnp.asarray(d_out)), (tq.grad, tk.grad, tv.grad)):
             assert rel_err(got, ref.numpy()) <= 1e-5
+
+
+def test_gguf_reader_matches_the_gguf_package(smollm2):
+    """spin_jax's GGUF parser (one array read per metadata array, tensors memory-mapped) against the
+    `gguf` package's GGUFReader on the real SmolLM2 file: every metadata value, and every tensor's
+    type, shape and bytes."""
+    import gguf
+
+    from spin_jax.io import gguf_io
+
+    ours, ref = gguf_io.open_gguf(smollm2.source), gguf.GGUFReader(smollm2.source)
+    ref_meta = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == ref_meta
+    assert list(ours.tensors) == [t.name for t in ref.tensors]
+    for t in ref.tensors:
+        o = ours.tensors[t.name]
+        assert (o.tensor_type, o.shape) == (t.tensor_type, tuple(int(d) for d in t.shape)), t.name
+        assert np.asarray(o.data).tobytes() == np.asarray(t.data).tobytes(), t.name
