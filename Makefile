@@ -1,5 +1,7 @@
 # spin_jax: every target builds or refreshes its own virtual environment first.
 #   make train ITER=0            one SPIN iteration with the CPU default config
+#   make sft                     SFT on the config's conversations -> runs/<run>/sft/model (INIT=iter<t>: the
+#                                paper's baseline, more SFT from θt -> runs/<run>/sft_from_iter<t>/model)
 #   make test                    ruff, then the test suite (installs the test extras too; TEST_WORKERS=2 processes)
 #   make lint                    ruff only (lint + import order)
 #   make evaluate ITER=0         held-out metrics of iteration 0's model -> runs/<run>/eval.jsonl
@@ -16,6 +18,7 @@ ARGS ?=
 RUN ?=
 OUT ?=
 TOPOLOGY ?= v5e-8
+INIT ?= base
 TASKS ?= spin_local
 # pytest-xdist workers for make test (0: one process); each test file runs whole in one worker
 TEST_WORKERS ?= 2
@@ -30,7 +33,7 @@ TPU_STAMP := $(VENV)/.stamp-tpu-$(TPU_HASH)
 # The TPU compiler lives apart, on PYTHONPATH for `plan` and its tests only: other commands never see libtpu.
 TPU_PATH := $(VENV)/tpu
 
-.PHONY: venv venv-dev venv-tpu plan lint test train generate spin bench bench-generate bench-train bench-lm-eval bench-tests evaluate benchmark report export clean
+.PHONY: venv venv-dev venv-tpu plan lint test train sft generate spin bench bench-generate bench-train bench-lm-eval bench-tests evaluate benchmark report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
@@ -67,6 +70,9 @@ plan: venv-tpu
 
 train: venv
 	$(PY) -m spin_jax train --config $(CONFIG) --iter $(ITER) $(ARGS)
+
+sft: venv
+	$(PY) -m spin_jax sft --config $(CONFIG) --init $(INIT) $(ARGS)
 
 generate: venv
 	$(PY) -m spin_jax generate --config $(CONFIG) --iter $(ITER) $(ARGS)

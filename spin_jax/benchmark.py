@@ -487,7 +487,10 @@ def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = No
     from spin_jax.io.load import load_model_for
 
     sharding.maybe_initialize_distributed(cfg.distributed)
-    specs = rundir.model_specs(cfg.model.name, cfg.run_dir, t)
+    sft_dir = cfg.sft_dir() if cfg.model.init == "sft" else None
+    specs = rundir.model_specs(cfg.model.name, cfg.run_dir, t, sft_dir)
+    theta = len(specs)  # θ0 .. θ(t+1) first; then the models beside them (no iteration)
+    specs += rundir.side_models(cfg.model.name, cfg.run_dir, t, sft_dir)
     path = os.path.join(cfg.run_dir, rundir.BENCHMARKS)
     if jax.process_index() == 0:
         rundir.check_output_file(path, "the run directory's benchmarks.jsonl")
@@ -507,7 +510,8 @@ def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = No
             lm = SpinLM(load_model_for(cfg.model, model_path), mesh=mesh, batch_size=batch_size,
                         max_length=max_length, vocab_chunk=cfg.train.vocab_chunk, layout=cfg.sampling.layout,
                         decode_phases=cfg.sampling.decode_phases, seed=cfg.sampling.seed, progress=progress)
-            common = {"label": label, "model": model_path, "iteration": k - 1 if k else None, "limit": limit,
+            common = {"label": label, "model": model_path, "iteration": k - 1 if 0 < k < theta else None,
+                      "limit": limit,
                       "apply_chat_template": apply_chat_template,
                       "settings": {"batch_size": batch_size, "max_length": lm.max_length, "dtype": cfg.model.dtype}}
 

@@ -1,4 +1,4 @@
-"""`spin-jax` command line: score, sample, generate, train, spin, evaluate, benchmark, report, export."""
+"""`spin-jax` command line: score, sample, sft, generate, train, spin, evaluate, benchmark, report, export."""
 
 from __future__ import annotations
 
@@ -138,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(s)
         s.add_argument("--iter", type=int, required=True)
         s.set_defaults(func=cmd_generate if name == "generate" else cmd_train)
+    s = sub.add_parser("sft", help="supervised fine-tuning on the config's conversations: θ0 (runs/<run>/sft), "
+                                   "or more SFT from θt (--init iter<t>: runs/<run>/sft_from_iter<t>, the paper's "
+                                   "baseline)")
+    _config_args(s)
+    s.add_argument("--init", default="base", metavar="base|iter<t>",
+                   help="start from model.name (base, default) or from θt, the model SPIN iteration t starts from")
+    s.add_argument("--updates", type=int, default=None,
+                   help="optimizer updates (default: sft.epochs over the data; with --init iter<t>, as many as SPIN "
+                        "iteration t took)")
+    s.set_defaults(func=cmd_sft)
     s = sub.add_parser("spin", help="the whole loop: iterations 0 .. ITERS-1")
     _config_args(s)
     s.add_argument("--iters", type=int, required=True)
@@ -234,6 +244,19 @@ def cmd_train(args) -> None:
     from spin_jax import iterate
 
     iterate.train_iteration(_load_config(args), args.iter, progress=not args.no_progress)
+
+
+def cmd_sft(args) -> None:
+    from spin_jax import sft
+
+    if args.init != "base":
+        try:
+            sft.parse_init(args.init)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.updates is not None and args.updates < 1:
+        raise UsageError(f"--updates {args.updates}: at least 1")
+    sft.run_sft(_load_config(args), args.init, args.updates, progress=not args.no_progress)
 
 
 def cmd_spin(args) -> None:

@@ -46,6 +46,9 @@ class LoraSection:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     name: str = "smollm2-135m-instruct"  # embedded name, .gguf path, HF directory, or Hub id (org/name)
+    # θ0, where iteration 0 starts: base (model.name itself) | sft (runs/<run>/sft/model: model.name after
+    # `spin-jax sft`, which `train --iter 0` and `spin` run first when it is absent)
+    init: str = "base"
     revision: Optional[str] = None  # a Hub id's branch, tag or commit (default: main)
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU/GPU)
     param_dtype: str = "float32"  # master weights
@@ -104,6 +107,7 @@ class TrainSection:
     loss_type: str = "sigmoid"  # sigmoid | hinge | ipo
     optimizer: str = "rmsprop"  # rmsprop (the paper's) | adamw
     learning_rate: float = 5e-7
+    lr_schedule: str = "linear"  # after warmup, to 0: linear (the reference's) | cosine
     # Per-iteration learning rates (the paper: 5e-7 for iterations 0-1, 1e-7 from 2); the last
     # entry applies to later iterations. Empty = learning_rate everywhere.
     learning_rates: tuple = ()
@@ -122,6 +126,38 @@ class TrainSection:
 
     def lr_for_iter(self, t: int) -> float:
         return lr_for_iter(self.learning_rate, self.learning_rates, t)
+
+
+@dataclasses.dataclass(frozen=True)
+class SftSection:
+    """Supervised fine-tuning on the data set's conversations (`spin-jax sft`): θ0 from a base model,
+    and the paper's baseline (more SFT from θt). Defaults as alignment-handbook's zephyr-7b-sft-full
+    (AdamW, lr 2e-5, cosine, warmup 0.1, 1 epoch). Checkpoints, logging and the NaN guard follow
+    the train section."""
+    loss_on: str = "assistant"  # assistant (every assistant turn and its end-of-turn token) | all (every token)
+    first_turn_only: bool = False  # the first user -> assistant exchange only (else every turn)
+    packing: bool = False  # several conversations per row (block-diagonal attention, positions restart)
+    # conversations: the first N of data.train_split (0: data.num_prompts, the very ones SPIN plays on)
+    num_conversations: int = 0
+    # tokens per row (0: data.max_length); a longer conversation keeps the whole turns that fit
+    max_length: int = 0
+    learning_rate: float = 2e-5
+    lr_schedule: str = "cosine"  # linear | cosine
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    optimizer: str = "adamw"  # adamw | rmsprop
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    global_batch_size: int = 16  # rows per update: conversations, or packed rows with sft.packing
+    grad_accum: int = 1  # micro-batches per update
+
+    def train_section(self, train: "TrainSection") -> "TrainSection":
+        """The train section SFT's Trainer runs with: these optimizer settings, the rest as `train`."""
+        return dataclasses.replace(train, learning_rate=self.learning_rate, learning_rates=(),
+                                   lr_schedule=self.lr_schedule, warmup_ratio=self.warmup_ratio,
+                                   epochs=self.epochs, optimizer=self.optimizer, weight_decay=self.weight_decay,
+                                   max_grad_norm=self.max_grad_norm, global_batch_size=self.global_batch_size,
+                                   grad_accum=self.grad_accum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +188,7 @@ class TrackingSection:
 
 
 WANDB_MODES = ("online", "offline", "disabled")
+LR_SCHEDULES = ("linear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +199,7 @@ class Config:
     data: DataSection = DataSection()
     sampling: SamplingSection = SamplingSection()
     train: TrainSection = TrainSection()
+    sft: SftSection = SftSection()
     mesh: MeshSection = MeshSection()
     distributed: DistributedSection = DistributedSection()
     tracking: TrackingSection = TrackingSection()
@@ -172,6 +210,11 @@ class Config:
 
     def iter_dir(self, t: int) -> str:
         return os.path.join(self.run_dir, f"iter{t}")
+
+    def sft_dir(self, init: str = "base") -> str:
+        """runs/<run>/sft (SFT of model.name: θ0 with model.init=sft), or sft_from_iter<t> (more SFT
+        from θt, the paper's baseline), for init "base" or "iter<t>"."""
+        return os.path.join(self.run_dir, "sft" if init == "base" else f"sft_from_{init}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,6 +300,8 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     need(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "one of none, full, dots")
     need(m.attn_block >= 0, "model.attn_block", m.attn_block, ">= 0 (0: one block)")
     need(m.attention in ATTENTION, "model.attention", m.attention, f"one of {', '.join(ATTENTION)}")
+    need(m.init in ("base", "sft"), "model.init", m.init,
+         "base (iteration 0 starts from model.name) or sft (from runs/<run>/sft/model)")
     need(m.chat_template is None or is_chat_template(m.chat_template),
          "model.chat_template", m.chat_template, f"one of {', '.join(CHAT_TEMPLATES)} or an existing Jinja file")
     lo = m.lora
@@ -288,6 +333,7 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     need(t.loss_type in ("sigmoid", "hinge", "ipo"), "train.loss_type", t.loss_type, "one of sigmoid, hinge, ipo")
     need(t.optimizer in ("rmsprop", "adamw"), "train.optimizer", t.optimizer, "rmsprop or adamw")
     need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0 (the paper: 5e-7)")
+    need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", t.lr_schedule, "linear or cosine")
     need(all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in t.learning_rates),
          "train.learning_rates", list(t.learning_rates), "a list of numbers > 0, one per iteration")
     need(0.0 <= t.warmup_ratio <= 1.0, "train.warmup_ratio", t.warmup_ratio, "in [0, 1]")
@@ -306,6 +352,23 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
     need(0.0 <= t.max_skipped_fraction <= 1.0, "train.max_skipped_fraction", t.max_skipped_fraction, "in [0, 1]")
+    f = cfg.sft
+    need(f.loss_on in ("assistant", "all"), "sft.loss_on", f.loss_on,
+         "assistant (assistant turns and their end-of-turn tokens) or all (every token)")
+    need(f.num_conversations >= 0, "sft.num_conversations", f.num_conversations, ">= 0 (0: data.num_prompts)")
+    need(f.max_length >= 0, "sft.max_length", f.max_length, ">= 0 (0: data.max_length)")
+    need(f.learning_rate > 0, "sft.learning_rate", f.learning_rate, "> 0 (alignment-handbook: 2e-5)")
+    need(f.lr_schedule in LR_SCHEDULES, "sft.lr_schedule", f.lr_schedule, "linear or cosine")
+    need(0.0 <= f.warmup_ratio <= 1.0, "sft.warmup_ratio", f.warmup_ratio, "in [0, 1]")
+    need(f.epochs >= 1, "sft.epochs", f.epochs, ">= 1")
+    need(f.optimizer in ("rmsprop", "adamw"), "sft.optimizer", f.optimizer, "adamw or rmsprop")
+    need(f.weight_decay >= 0, "sft.weight_decay", f.weight_decay, ">= 0")
+    need(f.max_grad_norm >= 0, "sft.max_grad_norm", f.max_grad_norm, ">= 0 (0: no clipping)")
+    need(f.global_batch_size >= 1, "sft.global_batch_size", f.global_batch_size, ">= 1 (rows per update)")
+    need(f.grad_accum >= 1, "sft.grad_accum", f.grad_accum, ">= 1")
+    if f.global_batch_size >= 1 and f.grad_accum >= 1:
+        need(f.global_batch_size % f.grad_accum == 0, "sft.grad_accum", f.grad_accum,
+             f"a divisor of sft.global_batch_size ({f.global_batch_size})")
     w = cfg.tracking.wandb
     need(w.mode in WANDB_MODES, "tracking.wandb.mode", w.mode, f"one of {', '.join(WANDB_MODES)}")
     need(w.project is None or bool(w.project.strip()), "tracking.wandb.project", w.project,

@@ -7,7 +7,8 @@ held-out prompts (config data.eval_split, the first data.num_eval_prompts usable
               rewards/accuracies, logps/*) of θ(t+1) vs θt on pairs (held-out real response,
               response freshly sampled by θt with the config's sampling params and a fixed seed),
               encoded exactly as training encodes them
-    models    for every model so far (base = θ0, iter0 = θ1, ..., iter<t> = θ(t+1)): the mean
+    models    for every model so far (base or sft = θ0, iter0 = θ1, ..., iter<t> = θ(t+1); beside them
+              the base when θ0 is its SFT, and sft_from_iter<k>, the SFT baselines): the mean
               per-token log-prob of the held-out real responses, and the length statistics of its
               own samples (mean, median, max n_tokens, see sampling.Sample; share that ended with
               end-of-turn rather than at max_new_tokens)
@@ -50,7 +51,9 @@ def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
     """Evaluate iteration t (θ(t+1) against θt) on the held-out prompts; returns the eval.jsonl record."""
     sharding.maybe_initialize_distributed(cfg.distributed)
     t_start = time.time()
-    specs = rundir.model_specs(cfg.model.name, cfg.run_dir, t)  # [(label, path)] θ0 .. θ(t+1)
+    sft_dir = cfg.sft_dir() if cfg.model.init == "sft" else None
+    specs = rundir.model_specs(cfg.model.name, cfg.run_dir, t, sft_dir)  # [(label, path)] θ0 .. θ(t+1)
+    side = rundir.side_models(cfg.model.name, cfg.run_dir, t, sft_dir)  # the base beside its SFT, SFT baselines
     if jax.process_index() == 0:  # where the results go can be written, before any work
         rundir.check_output_file(os.path.join(cfg.run_dir, rundir.EVAL), "the run directory's eval.jsonl")
         rundir.check_output_file(os.path.join(cfg.iter_dir(t), rundir.EVAL_SAMPLES), "eval_samples.jsonl")
@@ -59,7 +62,7 @@ def evaluate(cfg: Config, t: int, progress: bool = True) -> dict:
     seed = derive_seed(cfg.sampling.seed, "eval")  # one seed for every model and every evaluation
     rows, samples, per_model, progs = None, {}, {}, None
     spin_logps = {}  # "opponent" / "policy" -> [N, 2] (logp real, logp generated) of the held-out pairs
-    for k, (label, path) in enumerate(specs):
+    for k, (label, path) in enumerate(specs + side):  # k indexes θk for k <= t + 1
         model = load_model_for(cfg.model, path)
         tok = model.tokenizer
         if rows is None:  # the tokenizer is the same for every model of a run
@@ -121,7 +124,7 @@ def export_iteration(cfg: Config, t: int, out_dir: str, dtype: Optional[str] = N
     (iter<t>/adapter) instead, with a card saying how to load it on its base."""
     from spin_jax.io import hf
 
-    src = rundir.model_specs(cfg.model.name, cfg.run_dir, t)[-1][1]
+    src = rundir.model_specs(cfg.model.name, cfg.run_dir, t, cfg.sft_dir() if cfg.model.init == "sft" else None)[-1][1]
     rundir.check_new_dir(out_dir, "--out", protect=(src, cfg.run_dir))
     if adapter_only:
         return _export_adapter(cfg, t, out_dir)
@@ -233,13 +236,14 @@ def settings(cfg: Config, sp, seed: int) -> dict:
 
 
 def format_record(r: dict) -> str:
+    w = max(10, *(len(label) + 2 for label in r["models"]))
     lines = [f"=== held-out evaluation, iteration {r['iteration']}: {r['num_prompts']} prompts, "
              f"{r['wall_seconds']:.0f}s ===",
              "SPIN (θ%d vs θ%d): " % (r["iteration"] + 1, r["iteration"])
              + ", ".join(f"{k} {v:.4f}" for k, v in r["spin"].items()),
-             f"{'model':<10}{'logp/token':>12}{'len mean':>10}{'median':>8}{'max':>6}{'eos':>7}"]
+             f"{'model':<{w}}{'logp/token':>12}{'len mean':>10}{'median':>8}{'max':>6}{'eos':>7}"]
     for label, m in r["models"].items():
-        lines.append(f"{label:<10}{m['logp_per_token']:>12.4f}{m['gen_len_mean']:>10.1f}"
+        lines.append(f"{label:<{w}}{m['logp_per_token']:>12.4f}{m['gen_len_mean']:>10.1f}"
                      f"{m['gen_len_median']:>8.1f}{m['gen_len_max']:>6d}{m['eos_share']:>7.2f}")
     lines.append(f"samples: {r['samples']}")
     return "\n".join(lines)

@@ -28,8 +28,19 @@ log = logging.getLogger(__name__)
 
 
 def opponent_spec(cfg: Config, t: int) -> str:
-    """θt: the base model for t = 0, else iteration t-1's exported model."""
-    return rundir.opponent_spec(cfg.model.name, cfg.run_dir, t)
+    """θt: for t = 0 the base model (model.init: base) or its SFT (model.init: sft), else iteration
+    t-1's exported model."""
+    return rundir.opponent_spec(cfg.model.name, cfg.run_dir, t, cfg.sft_dir() if cfg.model.init == "sft" else None)
+
+
+def ensure_theta0(cfg: Config, t: int, progress: bool = True) -> None:
+    """With model.init: sft, iteration 0 needs the SFT model: SFT runs first (resumably) when it is
+    absent."""
+    from spin_jax import sft
+
+    if t == 0 and cfg.model.init == "sft" and not sft.is_done(cfg.sft_dir()):
+        log.info(f"model.init=sft: θ0 ({cfg.sft_dir()}/model) is absent, so SFT runs first")
+        sft.run_sft(cfg, "base", progress=progress)
 
 
 def load_opponent(cfg: Config, t: int):
@@ -67,6 +78,7 @@ def generate(cfg: Config, t: int, model=None, progress: bool = True) -> str:
     c % process_count's, shard-<host>-<chunk>) on a mesh of its own devices; all hosts must call
     this, and return together once the whole store is complete."""
     sharding.maybe_initialize_distributed(cfg.distributed)
+    ensure_theta0(cfg, t, progress)
     with iteration_lock(cfg, t, "generate"):
         return _generate(cfg, t, model, progress)
 
@@ -159,6 +171,7 @@ def train_iteration(cfg: Config, t: int, progress: bool = True, stop_after=None)
     if rundir.is_trained(cfg.run_dir, t):
         log.info(f"iteration {t} is already trained: {cfg.iter_dir(t)}/model (delete it to train again)")
         return rundir.read_or_rebuild_summary(cfg.run_dir, t)
+    ensure_theta0(cfg, t, progress)
     with iteration_lock(cfg, t, "train"):
         return _train_iteration(cfg, t, progress, stop_after)
 

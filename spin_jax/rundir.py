@@ -83,10 +83,17 @@ def iterations(run_dir: str) -> list[int]:
     return found
 
 
-def opponent_spec(base_model: str, run_dir: str, t: int) -> str:
-    """θt: the base model for t = 0, else iteration t-1's exported model (which must exist)."""
+def opponent_spec(base_model: str, run_dir: str, t: int, sft_dir: Optional[str] = None) -> str:
+    """θt: for t = 0 the base model, or with `sft_dir` (model.init: sft) the SFT model in it; else
+    iteration t-1's exported model (which must exist)."""
     if t == 0:
-        return base_model
+        if sft_dir is None:
+            return base_model
+        sft_model = os.path.join(sft_dir, "model")
+        if not os.path.exists(os.path.join(sft_model, "config.json")):
+            raise FileNotFoundError(f"model.init=sft: θ0 is {sft_model}, which does not exist; run `make sft` "
+                                    "(or `spin-jax sft --config ...`) first")
+        return sft_model
     prev = model_dir(run_dir, t - 1)
     if not is_trained(run_dir, t - 1):
         raise FileNotFoundError(
@@ -95,11 +102,12 @@ def opponent_spec(base_model: str, run_dir: str, t: int) -> str:
     return prev
 
 
-def model_specs(base_model: str, run_dir: str, t: int) -> list[tuple[str, str]]:
-    """[(label, model path)] for θ0 (the base) .. θ(t+1) (iteration t's model); each must exist."""
+def model_specs(base_model: str, run_dir: str, t: int, sft_dir: Optional[str] = None) -> list[tuple[str, str]]:
+    """[(label, model path)] for θ0 (the base, or with `sft_dir` its SFT model, label "sft") ..
+    θ(t+1) (iteration t's model); each must exist."""
     if t < 0:
         raise ValueError(f"--iter {t}: iterations start at 0")
-    specs = [("base", base_model)]
+    specs = [("sft" if sft_dir else "base", opponent_spec(base_model, run_dir, 0, sft_dir))]
     for k in range(t + 1):
         if not is_trained(run_dir, k):
             raise FileNotFoundError(
@@ -108,6 +116,18 @@ def model_specs(base_model: str, run_dir: str, t: int) -> list[tuple[str, str]]:
                 f"--config ... --iter {k}`) first")
         specs.append((f"iter{k}", model_dir(run_dir, k)))
     return specs
+
+
+def side_models(base_model: str, run_dir: str, t: int, sft_dir: Optional[str] = None) -> list[tuple[str, str]]:
+    """[(label, model path)] of the models listed beside θ0 .. θ(t+1): the base model when θ0 is its
+    SFT (`sft_dir`), and the SFT baseline of each iteration k <= t that has one
+    (sft_from_iter<k>/model, `spin-jax sft --init iter<k>`)."""
+    out = [("base", base_model)] if sft_dir else []
+    for k in range(t + 1):
+        path = os.path.join(run_dir, f"sft_from_iter{k}", "model")
+        if os.path.exists(os.path.join(path, "config.json")):
+            out.append((f"sft_from_iter{k}", path))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,10 @@ class Tracker:
         """One update's metrics.jsonl row, against the run's global update count."""
         self._log(dict(metrics, iteration=t, global_step=global_step))
 
+    def sft_update(self, label: str, step: int, metrics: dict) -> None:
+        """One SFT update's metrics.jsonl row as <label>/* ("sft", "sft_from_iter<t>")."""
+        self._log(dict({f"{label}/{k}": v for k, v in metrics.items()}, **{f"{label}/step": step}))
+
     def iteration(self, t: int, summary: dict) -> None:
         """Iteration t's summary (updates, wall times, first/last-quarter means) as iteration/*."""
         flat = {f"iteration/{k}": v for k, v in rundir.flatten(summary, "/").items() if _scalar(v)}

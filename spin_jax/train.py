@@ -55,11 +55,13 @@ class TrainState:
 
 def make_optimizer(tcfg: TrainSection, total_steps: int, learning_rate: float):
     """RMSProp as torch/HF use it (alpha 0.99, eps outside the sqrt) or AdamW; linear warmup then
-    linear decay to 0 over `total_steps` (the reference's HF linear schedule)."""
+    decay to 0 over `total_steps`, linear (the reference's HF linear schedule) or cosine (HF's
+    cosine schedule, alignment-handbook's SFT)."""
     warmup = int(round(tcfg.warmup_ratio * total_steps))
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
-         optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup, 1))], [warmup])
+    decay = max(total_steps - warmup, 1)
+    after = (optax.cosine_decay_schedule(learning_rate, decay) if tcfg.lr_schedule == "cosine"
+             else optax.linear_schedule(learning_rate, 0.0, decay))
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup, 1)), after], [warmup])
     if tcfg.optimizer == "rmsprop":
         opt = optax.chain(optax.scale_by_rms(decay=0.99, eps=1e-8, eps_in_sqrt=False),
                           optax.add_decayed_weights(tcfg.weight_decay) if tcfg.weight_decay else optax.identity(),
@@ -78,6 +80,40 @@ def init_state(params, tx) -> TrainState:
                       skipped=jnp.zeros((), jnp.int32))
 
 
+class SpinObjective:
+    """What the SPIN step minimises: the mean pair loss (`loss.spin_loss`) of each micro-batch, over
+    a `SpinBatch`, against the opponent's log-probs (in the step or precomputed). An objective gives
+    train_step its per-micro-batch loss, the batch's shardings and the progress bar's metrics; SFT's
+    is `spin_jax.sft.SftObjective`."""
+
+    postfix = (("loss", "loss", ".4f"), ("rewards/margins", "margin", ".3f"), ("rewards/accuracies", "acc", ".2f"))
+
+    def __init__(self, cfg: ModelConfig, tcfg: TrainSection):
+        self.cfg, self.tcfg = cfg, tcfg
+        self.uses_opponent = tcfg.opponent_logps == "in_step"
+
+    def normaliser(self, batch: SpinBatch):
+        """Every micro-batch's mean counts 1 / (micro-batches) of the update's loss."""
+        return batch.tokens.shape[0]
+
+    def micro_loss(self, params, opponent_params, micro: SpinBatch, n_micro):
+        losses, metrics = pair_losses(params, opponent_params, self.cfg, self.tcfg, micro)
+        return losses.mean() / n_micro, jax.tree.map(jnp.mean, metrics)
+
+    def shardings(self, mesh) -> SpinBatch:
+        return batch_shardings(mesh, with_logps=not self.uses_opponent)
+
+    def host_batch(self, batch: SpinBatch) -> SpinBatch:
+        """The batch as the step takes it: with the opponent's log-probs only when precomputed."""
+        if self.uses_opponent:
+            return batch.with_opponent_logps(None)
+        if batch.opponent_logps is None:
+            raise ValueError("train.opponent_logps=precomputed needs the opponent's log-probs in every batch "
+                             "(the store's opponent_logp_real/generated); regenerate the iteration's data or "
+                             "set train.opponent_logps=in_step")
+        return batch
+
+
 def pair_losses(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, micro: SpinBatch):
     """Per-pair losses [B] and metrics for one micro-batch (B prompts, 2B responses): one forward."""
     logps = scoring.batch_logps(params, cfg, micro, tcfg.vocab_chunk)
@@ -88,13 +124,15 @@ def pair_losses(params, opponent_params, cfg: ModelConfig, tcfg: TrainSection, m
     return loss_lib.spin_loss(logps[0::2], logps[1::2], opp[0::2], opp[1::2], tcfg.beta, tcfg.loss_type)
 
 
-def train_step(state: TrainState, opponent_params, batch: SpinBatch, base=None, *, cfg: ModelConfig,
-               tcfg: TrainSection, tx):
-    """One optimizer update from A accumulated micro-batches. Pure: returns (new state, metrics).
-    With LoRA, `base` is the frozen base (an input, never updated) and state.params the adapters:
-    the policy is base + adapters, and the in-step opponent is the base alone (opponent_params is
-    then None: the base is not passed twice)."""
+def train_step(state: TrainState, opponent_params, batch, base=None, *, cfg: ModelConfig,
+               tcfg: TrainSection, tx, objective=None):
+    """One optimizer update from A accumulated micro-batches of `objective`'s loss (default SPIN's).
+    Pure: returns (new state, metrics). With LoRA, `base` is the frozen base (an input, never
+    updated) and state.params the adapters: the policy is base + adapters, and the in-step opponent
+    is the base alone (opponent_params is then None: the base is not passed twice)."""
+    objective = objective or SpinObjective(cfg, tcfg)
     n_micro = batch.tokens.shape[0]
+    norm = objective.normaliser(batch)
     if base is not None:
         opponent_params = base
     dropout = base is not None and cfg.lora_dropout > 0
@@ -102,8 +140,7 @@ def train_step(state: TrainState, opponent_params, batch: SpinBatch, base=None, 
     def micro_loss(params, micro, key):
         if base is not None:
             params = lora.attach(base, params, key if dropout else None)
-        losses, metrics = pair_losses(params, opponent_params, cfg, tcfg, micro)
-        return losses.mean() / n_micro, jax.tree.map(jnp.mean, metrics)
+        return objective.micro_loss(params, opponent_params, micro, norm)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     step_key = jax.random.fold_in(jax.random.key(LORA_DROPOUT_SEED), state.step)
@@ -132,18 +169,20 @@ def train_step(state: TrainState, opponent_params, batch: SpinBatch, base=None, 
     return new_state, metrics
 
 
-def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes: TrainState, base_shapes=None):
+def make_train_step(cfg: ModelConfig, tcfg: TrainSection, tx, mesh, state_shapes: TrainState, base_shapes=None,
+                    objective=None):
     """jit(train_step) with explicit shardings (params by the rule table, batch over data/fsdp)
     and the state donated: step(state, opponent_params, batch[, base]) -> (state, metrics). In
     precomputed mode opponent_params is None and the batch carries opponent_logps. With LoRA
     (`base_shapes`: the frozen base's shapes), the state holds the adapters and the base is an
-    argument; the in-step opponent is that base, and opponent_params is None."""
+    argument; the in-step opponent is that base, and opponent_params is None. `objective`: SPIN's
+    (default) or SFT's (`spin_jax.sft`, no opponent: opponent_params is None)."""
+    objective = objective or SpinObjective(cfg, tcfg)
     state_sh = state_shardings(cfg, mesh, state_shapes, tx)
-    in_step = tcfg.opponent_logps == "in_step"
-    opponent_sh = state_sh.params if in_step and base_shapes is None else None
+    opponent_sh = state_sh.params if objective.uses_opponent and base_shapes is None else None
     base_sh = () if base_shapes is None else (transformer.param_shardings(cfg, mesh, base_shapes),)
-    fn = sharding.traced_on(mesh, functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx))
-    return jax.jit(fn, in_shardings=(state_sh, opponent_sh, batch_shardings(mesh, with_logps=not in_step)) + base_sh,
+    fn = sharding.traced_on(mesh, functools.partial(train_step, cfg=cfg, tcfg=tcfg, tx=tx, objective=objective))
+    return jax.jit(fn, in_shardings=(state_sh, opponent_sh, objective.shardings(mesh)) + base_sh,
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
                    compiler_options=compiler_options(mesh))
 
@@ -189,18 +228,13 @@ def batch_shardings(mesh, with_logps: bool) -> SpinBatch:
                      opponent_logps=sh if with_logps else None)
 
 
-def device_batch(batch: SpinBatch, mesh, tcfg: TrainSection) -> SpinBatch:
+def device_batch(batch, mesh, tcfg: TrainSection, objective=None):
     """A host-local batch -> tcfg.grad_accum micro-batches as global arrays sharded over (data,
-    fsdp) on axis 1. In precomputed mode the batch must carry the opponent's log-probs."""
-    in_step = tcfg.opponent_logps == "in_step"
-    if in_step:
-        batch = batch.with_opponent_logps(None)
-    elif batch.opponent_logps is None:
-        raise ValueError("train.opponent_logps=precomputed needs the opponent's log-probs in every batch "
-                         "(the store's opponent_logp_real/generated); regenerate the iteration's data or "
-                         "set train.opponent_logps=in_step")
-    batch = batch.microbatches(tcfg.grad_accum)
-    shardings = batch_shardings(mesh, with_logps=not in_step)
+    fsdp) on axis 1. SPIN's (the default objective) in precomputed mode must carry the opponent's
+    log-probs."""
+    objective = objective or SpinObjective(None, tcfg)
+    batch = objective.host_batch(batch).microbatches(tcfg.grad_accum)
+    shardings = objective.shardings(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, shardings)
     # Each host holds its own contiguous slice of whole pairs on axis 1.
@@ -226,9 +260,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: ModelConfig, tcfg: TrainSection, mesh, steps: int, learning_rate: float,
-                 out_dir: str, progress: bool = True, on_metrics: Optional[Callable[[dict], None]] = None):
+                 out_dir: str, progress: bool = True, on_metrics: Optional[Callable[[dict], None]] = None,
+                 objective=None, desc: str = "train"):
         self.cfg, self.tcfg, self.mesh, self.steps, self.out_dir = cfg, tcfg, mesh, steps, out_dir
-        self.progress, self.on_metrics = progress, on_metrics
+        self.progress, self.on_metrics, self.desc = progress, on_metrics, desc
+        self.objective = objective or SpinObjective(cfg, tcfg)
         self.tx, self.schedule = make_optimizer(tcfg, steps, learning_rate)
         self.checkpoints = Checkpoints(os.path.join(out_dir, "checkpoints"), tcfg.keep_checkpoints)
 
@@ -239,14 +275,13 @@ class Trainer:
         adapters, `base` the frozen base, and an in-step opponent is that base."""
         shapes = jax.eval_shape(lambda p: init_state(p, self.tx), params)
         state_sh = state_shardings(self.cfg, self.mesh, shapes, self.tx)
-        in_step = self.tcfg.opponent_logps == "in_step"
         extra = ()
         if base is not None:
             base = transformer.shard_params(base, self.cfg, self.mesh)
             extra = (base,)
         # precomputed mode: the log-probs come with the batch, so no second model is in memory
         opponent = None
-        if in_step and base is None:
+        if self.objective.uses_opponent and base is None:
             opponent = jax.device_put(opponent_params, state_sh.params)
         state, start = self.checkpoints.restore_latest(sharding.abstract(shapes, state_sh))
         if state is None:
@@ -257,13 +292,13 @@ class Trainer:
         truncate_metrics(self.out_dir, start)  # updates after the checkpoint are redone
         max_skipped = int(self.tcfg.max_skipped_fraction * self.steps)
         step_fn = make_train_step(self.cfg, self.tcfg, self.tx, self.mesh, shapes,
-                                  None if base is None else jax.eval_shape(lambda b: b, base))
+                                  None if base is None else jax.eval_shape(lambda b: b, base), self.objective)
         with self.checkpoints, _SigtermFlag() as sigterm, MetricsWriter(self.out_dir, self.on_metrics) as writer, \
                 self._bar(start) as bar:
             t0 = time.perf_counter()
             batches = batches_from(start)
             for step in range(start, self.steps):
-                batch = device_batch(next(batches), self.mesh, self.tcfg)
+                batch = device_batch(next(batches), self.mesh, self.tcfg, self.objective)
                 state, metrics = step_fn(state, opponent, batch, *extra)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 metrics.update(step=step + 1, learning_rate=float(self.schedule(step)))
@@ -271,8 +306,8 @@ class Trainer:
                     writer.write(metrics)
                 skipped = int(metrics["skipped"])
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}",
-                                acc=f"{metrics['rewards/accuracies']:.2f}", **({"skipped": skipped} if skipped else {}))
+                bar.set_postfix({label: f"{metrics[key]:{fmt}}" for key, label, fmt in self.objective.postfix},
+                                **({"skipped": skipped} if skipped else {}))
                 if skipped > max_skipped:
                     raise TooManySkipped(
                         f"{skipped} of {step + 1} updates were skipped for a non-finite loss or gradients, more "
@@ -296,7 +331,7 @@ class Trainer:
     def _bar(self, start: int):
         from tqdm import tqdm
 
-        return tqdm(total=self.steps, initial=start, desc="train", unit="step",
+        return tqdm(total=self.steps, initial=start, desc=self.desc, unit="step",
                     disable=not self.progress or jax.process_index() != 0)
 
 

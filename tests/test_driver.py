@@ -54,6 +54,19 @@ def final_tensors(runs_dir, run, t=0):
     return load_file(os.path.join(runs_dir, run, f"iter{t}", "model", "model.safetensors"))
 
 
+def kill_9_after(p, metrics, ckpts, kill_at):
+    """SIGKILL the run `p` once `kill_at` updates are logged and at least one (async) checkpoint is final."""
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= kill_at
+                and os.path.isdir(ckpts) and any(c.isdigit() for c in os.listdir(ckpts))):
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "training finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
 def test_kill_9_then_rerun_equals_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, compile_cache):
     base = ["train", "--config", "configs/tiny_test.yaml", "--iter", "0", "--set", "train.epochs=4"]
     runs = str(tmp_path / "runs")
@@ -70,17 +83,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tiny_model_dir, data_dir, tm
     metrics = os.path.join(runs, "killed", "iter0", "metrics.jsonl")
     ckpts = os.path.join(runs, "killed", "iter0", "checkpoints")
     kill_at = int(np.random.default_rng().integers(1, 6))  # of 8 updates
-    p = cli(base + overrides(tiny_model_dir, data_dir, runs, "killed"))
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        # kill once `kill_at` updates are logged and at least one (async) checkpoint is final
-        if (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= kill_at
-                and os.path.isdir(ckpts) and any(c.isdigit() for c in os.listdir(ckpts))):
-            break
-        time.sleep(0.02)
-    assert p.poll() is None, "training finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_9_after(cli(base + overrides(tiny_model_dir, data_dir, runs, "killed")), metrics, ckpts, kill_at)
     assert not os.path.exists(os.path.join(runs, "killed", "iter0", "model"))
     out = run_ok(base + overrides(tiny_model_dir, data_dir, runs, "killed"))
     assert "resumed from checkpoint" in out
@@ -128,3 +131,49 @@ def test_iteration_1_uses_iteration_0_model_and_leaves_opponent_untouched(tiny_m
     s1 = json.load(open(os.path.join(runs, "r", "iter1", "summary.json")))
     assert s1["steps"] == 2 * s0["steps"]  # iteration 1 trains on iteration 0's + its own pairs
     assert len(rows1) == 16 and all(r["opponent_logp_real"] is not None for r in rows1)
+
+
+SFT = ["--set", "sft.global_batch_size=2", "--set", "sft.epochs=3", "--set", "sft.packing=true",
+       "--set", "data.max_length=256", "--set", "train.checkpoint_every=1"]
+
+
+def sft_tensors(runs_dir, run, folder="sft"):
+    return load_file(os.path.join(runs_dir, run, folder, "model", "model.safetensors"))
+
+
+def test_sft_kill_9_then_rerun_equals_uninterrupted_run(tiny_model_dir, data_dir, tmp_path):
+    runs = str(tmp_path / "runs")
+    base = ["sft", "--config", "configs/tiny_test.yaml", *SFT]
+    run_ok(base + overrides(tiny_model_dir, data_dir, runs, "full"))
+    full = sft_tensors(runs, "full")
+    summary = json.load(open(os.path.join(runs, "full", "sft", "summary.json")))
+    assert summary["steps"] == summary["updates"] >= 4 and summary["skipped_updates"] == 0, summary
+    metrics = os.path.join(runs, "killed", "sft", "metrics.jsonl")
+    ckpts = os.path.join(runs, "killed", "sft", "checkpoints")
+    kill_at = int(np.random.default_rng().integers(1, summary["steps"] - 1))
+    kill_9_after(cli(base + overrides(tiny_model_dir, data_dir, runs, "killed")), metrics, ckpts, kill_at)
+    assert not os.path.exists(os.path.join(runs, "killed", "sft", "model"))
+    out = run_ok(base + overrides(tiny_model_dir, data_dir, runs, "killed"))
+    assert "resumed from checkpoint" in out
+    resumed = sft_tensors(runs, "killed")
+    for k in full:
+        np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+
+
+def test_model_init_sft_runs_sft_first_and_the_baseline_takes_iteration_0s_updates(tiny_model_dir, data_dir,
+                                                                                  tmp_path):
+    runs = str(tmp_path / "runs")
+    args = [*SFT, "--set", "model.init=sft", *overrides(tiny_model_dir, data_dir, runs)]
+    out = run_ok(["train", "--config", "configs/tiny_test.yaml", "--iter", "0", *args])
+    assert "SFT runs first" in out
+    sft_model = os.path.join(runs, "r", "sft", "model")
+    assert json.load(open(os.path.join(runs, "r", "iter0", "config.json")))["opponent"] == sft_model
+    base, sft0 = load_file(os.path.join(tiny_model_dir, "model.safetensors")), sft_tensors(runs, "r")
+    assert any(not np.array_equal(base[k], sft0[k]) for k in base)  # SFT moved the model
+    run_ok(["sft", "--config", "configs/tiny_test.yaml", "--init", "iter0", *args])
+    s0 = json.load(open(os.path.join(runs, "r", "iter0", "summary.json")))
+    baseline = json.load(open(os.path.join(runs, "r", "sft_from_iter0", "summary.json")))
+    assert baseline["steps"] == s0["steps"] and baseline["start_model"] == sft_model
+    p = cli(["sft", "--config", "configs/tiny_test.yaml", "--init", "iter3", *args])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 1 and "pass --updates N" in out

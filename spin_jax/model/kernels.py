@@ -10,13 +10,14 @@ What the kernel computes equals the XLA path's masks for every row layout spin_j
     - sliding window (Mistral): and slots > offset + t - window;
     - padding, left (prompts) or right (responses): a segment id per token, 1 valid and 0 padding,
       and a query sees only keys of its own segment;
+    - packed rows (SFT): several sequences side by side take their own segment ids 1, 2, ...;
     - grouped-query attention: the kernel takes H query heads against K key/value heads;
     - the shared-prefix layout: a response's keys are its prompt's (left-padded) followed by its
       own, so its queries start at offset = prompt length.
 The window counts slots where the XLA path counts positions: the two agree because positions
 advance by one per slot over the valid tokens of every layout here (left-padded prompt, then its
-response). Padding queries see padding keys instead of nothing; their outputs feed only padding
-tokens, which no loss or valid key reads.
+response; a packed sequence, whose positions restart at 0). Padding queries see padding keys
+instead of nothing; their outputs feed only padding tokens, which no loss or valid key reads.
 
 The kernel tiles in blocks of KERNEL_BLOCK queries and keys, so rows are padded: the keys on the
 left up to a multiple of the block before the queries' first slot, and queries and keys on the
@@ -42,7 +43,8 @@ def causal_attention(q, k, v, q_valid, k_valid, *, offset: int, window, interpre
                      mesh=None):
     """Splash attention -> [B, T, H, E].
 
-    q [B, T, H, E]; k, v [B, S, K, E]; q_valid [B, T], k_valid [B, S] bool; query t at key slot
+    q [B, T, H, E]; k, v [B, S, K, E]; q_valid [B, T], k_valid [B, S] bool, or int32 segment ids
+    (0 padding) of packed rows; query t at key slot
     offset + t (offset = S - T: the keys end with the queries' own). window: Mistral's sliding
     window or None. softcap: Gemma 2's score soft-capping (the kernel's attn_logits_soft_cap).
     mesh: the mesh the program's arrays live on (None: one device)."""

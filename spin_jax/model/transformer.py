@@ -68,14 +68,26 @@ def forward(params, cfg: ModelConfig, tokens, positions=None, valid=None,
 
 
 def forward_hidden(params, cfg: ModelConfig, tokens, positions=None, valid=None,
-                   cache: Optional[KVCache] = None, window: Optional[int] = None):
-    """The final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
+                   cache: Optional[KVCache] = None, window: Optional[int] = None, segments=None):
+    """The final-norm hidden states [B, T, D] (compute dtype) and the updated cache.
+
+    segments: [B, T] int32 for packed rows (no cache): several sequences side by side, numbered
+    from 1 (0 is padding), each attending only to its own earlier tokens (block-diagonal causal
+    attention); `positions` then restart at 0 for every sequence and `valid` is segments > 0."""
     t = tokens.shape[1]
+    if segments is not None:
+        valid = segments > 0
     positions, valid = _defaults(tokens, positions, valid)
     if cache is None:
         slot = jnp.arange(t, dtype=jnp.int32)
-        masks = layer_masks(cfg, lambda w: attention_mask(w, slot, positions, slot, positions, valid))  # [B, T, T]
-        x, _ = _run_layers(params, cfg, tokens, positions, _self_attend(cfg, masks, valid), None)
+
+        def mask(w):
+            m = attention_mask(w, slot, positions, slot, positions, valid)  # [B, T, T]
+            return m if segments is None else m & (segments[:, :, None] == segments[:, None, :])
+
+        # the kernel takes the segment ids as they are (valid rows: one segment, 1; padding 0)
+        x, _ = _run_layers(params, cfg, tokens, positions,
+                           _self_attend(cfg, layer_masks(cfg, mask), valid if segments is None else segments), None)
         return x, None
     q_slot = cache.index + jnp.arange(t, dtype=jnp.int32)
     k_pos, k_valid = cache_lib.slot_metadata(cache, positions, valid)
@@ -176,10 +188,11 @@ def _run_layers(params, cfg: ModelConfig, tokens, positions, attend, kv):
     return x, kv
 
 
-def _self_attend(cfg: ModelConfig, masks, valid):
-    """Attention of a whole row on itself: query slot i sees key slots <= i."""
+def _self_attend(cfg: ModelConfig, masks, segments):
+    """Attention of a whole row on itself: query slot i sees key slots <= i (of its own segment:
+    `segments` [B, T] is the valid mask, or packed rows' segment ids)."""
     def attend(q, kt, v, kv, layer, local):
-        return causal(cfg, q, kt, v, masks, 0, valid, valid, local), kv
+        return causal(cfg, q, kt, v, masks, 0, segments, segments, local), kv
     return attend
 
 
