@@ -19,8 +19,14 @@ With --lora the variants are spin_jax's full step (the baseline), LoRA rank 16 o
 and QLoRA on an nf4 base, all with precomputed opponent log-probs; the ratios are against the
 full step.
 
+With --sft the variants are SFT steps (`spin_jax.sft`) on 2 x pairs rows of prompt + response
+tokens, the loss on the response tokens (token mean over the step), AdamW: PyTorch's (transformers'
+model, cross-entropy with the prompt masked, micro-batches of 2 x micro-pairs rows) against
+spin_jax's. Each row is one conversation (no packing), the same tokens on both sides.
+
     make bench-train
     make bench-train ARGS="--lora"
+    make bench-train ARGS="--sft"
     python bench/bench_train.py --pairs 4 --prompt-len 256 --response-len 256 --steps 2 --rounds 2
 """
 
@@ -41,6 +47,7 @@ VARIANTS = ("torch", "jax-in_step", "jax-precomputed")
 # rank 16 (alpha 32, every projection) on the fp32 base and QLoRA on an nf4 base
 LORA_VARIANTS = ("jax-precomputed", "jax-lora", "jax-qlora")
 LORA_RANK = 16
+SFT_VARIANTS = ("torch-sft", "jax-sft")
 
 
 def main() -> None:
@@ -63,15 +70,17 @@ def main() -> None:
                     help="spin_jax's causal attention query block (model.attn_block; 0: one block)")
     ap.add_argument("--lora", action="store_true",
                     help=f"full step vs LoRA rank {LORA_RANK} vs QLoRA (nf4), instead of PyTorch vs spin_jax")
-    ap.add_argument("--only", choices=VARIANTS + LORA_VARIANTS[1:], help=argparse.SUPPRESS)
+    ap.add_argument("--sft", action="store_true", help="SFT steps: PyTorch's against spin_jax's (see the docstring)")
+    ap.add_argument("--only", choices=VARIANTS + LORA_VARIANTS[1:] + SFT_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.only:
-        out = run_torch(args) if args.only == "torch" else run_jax(args, args.only.split("-", 1)[1])
+        out = (run_torch(args) if args.only == "torch" else run_torch_sft(args) if args.only == "torch-sft"
+               else run_jax(args, args.only.split("-", 1)[1]))
         out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print("RESULT " + json.dumps(out), flush=True)
         return
-    variants = LORA_VARIANTS if args.lora else VARIANTS
+    variants = LORA_VARIANTS if args.lora else SFT_VARIANTS if args.sft else VARIANTS
     tokens = 2 * args.pairs * (args.prompt_len + args.response_len)
     if args.pairs % args.micro_pairs:
         sys.exit(f"--pairs {args.pairs} does not split into micro-batches of --micro-pairs {args.micro_pairs}")
@@ -145,6 +154,14 @@ def summarize_runs(runs: list[dict], rounds: int, variants=VARIANTS) -> tuple[di
     return results, ratios
 
 
+def sft_rows(args, vocab: int):
+    """The SFT steps' rows: each pair's prompt with its real response and with its generated one,
+    the loss on the response tokens: [(ids, supervised)]."""
+    prompts, real, gen, _ = batch_arrays(args, vocab)
+    mask = [False] * args.prompt_len + [True] * args.response_len
+    return [(p + r, mask) for p, pair in zip(prompts, zip(real, gen)) for r in pair]
+
+
 def run_jax(args, mode: str) -> dict:
     import jax
 
@@ -153,6 +170,8 @@ def run_jax(args, mode: str) -> dict:
     from spin_jax.io.load import load_model
 
     m = load_model(args.model, remat=args.remat, attn_block=args.attn_block)
+    if mode == "sft":
+        return run_jax_sft(args, m)
     lora_mode = mode in ("lora", "qlora")
     tcfg = TrainSection(opponent_logps="precomputed" if lora_mode else mode, vocab_chunk=args.vocab_chunk,
                         learning_rate=5e-7)
@@ -193,6 +212,83 @@ def run_jax(args, mode: str) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     return {"step_s": min(times), "compile_s": first - min(times), "loss": float(metrics["loss"])}
+
+
+def run_jax_sft(args, m) -> dict:
+    import jax
+
+    from spin_jax import sft, sharding, train
+    from spin_jax.config import TrainSection
+
+    rows = sft_rows(args, m.cfg.vocab_size)
+    tcfg = TrainSection(optimizer="adamw", learning_rate=2e-5, vocab_chunk=args.vocab_chunk,
+                        grad_accum=args.pairs // args.micro_pairs)
+    mesh = sharding.make_mesh()
+    tx, _ = train.make_optimizer(tcfg, 1000, 2e-5)
+    objective = sft.SftObjective(m.cfg, tcfg)
+    shapes = jax.eval_shape(lambda p: train.init_state(p, tx), m.params)
+    step = train.make_train_step(m.cfg, tcfg, tx, mesh, shapes, objective=objective)
+    sh = train.state_shardings(m.cfg, mesh, shapes, tx)
+    state = jax.jit(lambda p: train.init_state(p, tx), out_shardings=sh)(jax.device_put(m.params, sh.params))
+    m.params = None
+    width = args.prompt_len + args.response_len
+    batch = train.device_batch(sft.make_rows(rows, [[i] for i in range(len(rows))], width), mesh, tcfg, objective)
+    return _time_steps(lambda s: step(s, None, batch), state, args.steps)
+
+
+def _time_steps(step, state, steps: int) -> dict:
+    import jax
+
+    t0 = time.perf_counter()
+    state, metrics = step(state)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return {"step_s": min(times), "compile_s": first - min(times), "loss": float(metrics["loss"])}
+
+
+def run_torch_sft(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from spin_jax.io.load import resolve_model_path
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    d, f = os.path.split(resolve_model_path(args.model))
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
+    rows = sft_rows(args, model.config.vocab_size)
+    ids = torch.tensor([r[0] for r in rows])
+    labels = torch.where(torch.tensor([r[1] for r in rows]), ids, torch.full_like(ids, -100))
+    n = 2 * args.micro_pairs
+    total = int((labels[:, 1:] != -100).sum())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for i in range(0, len(rows), n):  # gradient accumulation: the token mean over the whole step
+            logits = model(input_ids=ids[i:i + n]).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[i:i + n, 1:].reshape(-1),
+                                   ignore_index=-100, reduction="sum") / total
+            loss.backward()
+            loss_sum += float(loss)
+        opt.step()
+        return loss_sum
+
+    step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    return {"step_s": min(times), "loss": loss}
 
 
 def run_torch(args) -> dict:

@@ -197,14 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     s.add_argument("--topology", required=True, help="a TPU slice, e.g. v5p-32, v4-64, v5e-8, v6e-8, colab-v5e-1")
     s.add_argument("--layers", type=int, default=None, help="compile only this many layers (a slice of the model)")
-    s.add_argument("--programs", default="train,score,sample", help="comma-separated: train, score, sample")
+    s.add_argument("--programs", default=None,
+                   help="comma-separated: train, score, sample, sft (SFT's step, sft section); default: train, score, "
+                        "sample, and sft with model.init: sft")
     s.add_argument("--memory-only", action="store_true",
                    help="memory figures only: skip the unrolled copies that count FLOPs and bytes (~3x faster)")
     s.set_defaults(func=cmd_plan)
 
-    s = sub.add_parser("export", help="iteration t's model as an HF directory with a model card")
+    s = sub.add_parser("export", help="iteration t's model (or an SFT model) as an HF directory with a model card")
     _config_args(s)
-    s.add_argument("--iter", type=int, required=True)
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--iter", type=int, help="iteration t's model, θ(t+1)")
+    which.add_argument("--sft", metavar="base|iter<t>", help="an SFT model: runs/<run>/sft (base) or sft_from_iter<t>")
     s.add_argument("--out", required=True, help="a new (or empty) directory")
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weight dtype (default: the stored one)")
@@ -308,10 +312,11 @@ def cmd_report(args) -> None:
 
 def cmd_plan(args) -> None:
     cfg = _load_config(args)
-    programs = [p.strip() for p in args.programs.split(",") if p.strip()]
-    unknown = set(programs) - {"train", "score", "sample"}
+    given = args.programs or ("train,score,sample,sft" if cfg.model.init == "sft" else "train,score,sample")
+    programs = [p.strip() for p in given.split(",") if p.strip()]
+    unknown = set(programs) - {"train", "score", "sample", "sft"}
     if unknown or not programs:
-        raise UsageError(f"--programs {args.programs!r}: expected a comma-separated list of train, score, sample")
+        raise UsageError(f"--programs {given!r}: expected a comma-separated list of train, score, sample, sft")
     if args.layers is not None and args.layers < 1:
         raise UsageError(f"--layers {args.layers}: must be >= 1")
     from spin_jax import plan
@@ -339,11 +344,24 @@ def cmd_export(args) -> None:
         raise UsageError(f"--push-to-hub {args.push_to_hub!r}: expected a Hub repo id, org/name")
     if args.adapter_only and args.dtype:
         raise UsageError("--dtype applies to the merged model; the adapter is stored in float32 (leave out one)")
-    out = evaluate.export_iteration(_load_config(args), args.iter, args.out, args.dtype, args.adapter_only)
+    if args.sft is not None:
+        from spin_jax import sft
+
+        if args.adapter_only:
+            raise UsageError("--adapter-only takes --iter; an SFT model's adapter is runs/<run>/sft*/adapter")
+        if args.sft != "base":
+            try:
+                sft.parse_init(args.sft)
+            except ValueError as e:
+                raise UsageError(str(e).replace("--init", "--sft")) from None
+        out = evaluate.export_sft(_load_config(args), args.sft, args.out, args.dtype)
+    else:
+        out = evaluate.export_iteration(_load_config(args), args.iter, args.out, args.dtype, args.adapter_only)
     print(out)
     if args.push_to_hub:
         url = hub.push_folder(out, args.push_to_hub, private=args.private,
-                              message=f"SPIN iteration {args.iter} (spin_jax)")
+                              message=f"SPIN iteration {args.iter} (spin_jax)" if args.sft is None
+                              else f"SFT {args.sft} (spin_jax)")
         print(f"uploaded {out} to {url}")
 
 

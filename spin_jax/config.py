@@ -141,6 +141,9 @@ class SftSection:
     num_conversations: int = 0
     # tokens per row (0: data.max_length); a longer conversation keeps the whole turns that fit
     max_length: int = 0
+    # a special token the conversations use (e.g. <end_of_turn>) whose embedding a base model left untrained,
+    # shared with many unused tokens, starts from the mean embedding (else SFT raises them all with it)
+    fix_untrained_tokens: bool = True
     learning_rate: float = 2e-5
     lr_schedule: str = "cosine"  # linear | cosine
     warmup_ratio: float = 0.1

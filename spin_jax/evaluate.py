@@ -141,6 +141,28 @@ def export_iteration(cfg: Config, t: int, out_dir: str, dtype: Optional[str] = N
     return out_dir
 
 
+def export_sft(cfg: Config, init: str, out_dir: str, dtype: Optional[str] = None) -> str:
+    """An SFT model (runs/<run>/sft/model for init "base", sft_from_iter<t>/model for "iter<t>")
+    re-exported as an HF directory with its model card, like `export_iteration`."""
+    from spin_jax import sft
+    from spin_jax.io import hf
+
+    src = os.path.join(cfg.sft_dir(init), "model")
+    if not sft.is_done(cfg.sft_dir(init)):
+        raise FileNotFoundError(f"--sft {init}: {src} does not exist; run `spin-jax sft --config ... --init {init}` "
+                                "first")
+    rundir.check_new_dir(out_dir, "--out", protect=(src, cfg.run_dir))
+    stored = rundir.read_json(os.path.join(src, "config.json"))
+    dtype = dtype or stored.get("dtype") or stored.get("torch_dtype") or "float32"
+    model = load_model(src)
+    with open(os.path.join(src, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    with rundir.written_dir(out_dir) as tmp:
+        hf.export_hf_dir(model.params, model.cfg, tmp, model.tokenizer, dtype=dtype, extra_files={"README.md": card})
+    log.info(f"exported the SFT model {src} to {out_dir} as {dtype}")
+    return out_dir
+
+
 def _export_adapter(cfg: Config, t: int, out_dir: str) -> str:
     adapter = rundir.adapter_dir(cfg.run_dir, t)
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):

@@ -187,8 +187,8 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
     local = sharding.make_local_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
                                      devices=[d for d in devices if d.process_index == hosts[0]],
                                      num_processes=len(hosts))
-    check_batches(cfg, mesh, local)
-    builders = {"train": (train_program, mesh), "score": (score_program, local),
+    check_batches(cfg, mesh, local, sft="sft" in programs)
+    builders = {"train": (train_program, mesh), "sft": (sft_program, mesh), "score": (score_program, local),
                 "sample": (functools.partial(sample_program, memory_bytes=chip.hbm_bytes), local)}
     out = []
     for name in programs:
@@ -234,13 +234,17 @@ def _out_of_memory_bytes(message: str) -> Optional[int]:
     return int(float(found.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[found.group(2)])
 
 
-def check_batches(cfg: Config, mesh, local) -> None:
+def check_batches(cfg: Config, mesh, local, sft: bool = False) -> None:
     """Batches must split evenly over the chips that share them (data x fsdp)."""
     problems = []
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
     if micro % ways:
         problems.append(f"a train micro-batch of {micro} pairs (train.global_batch_size / train.grad_accum) does "
+                        f"not split over the {ways} chips of mesh {dict(mesh.shape)}: use a multiple of {ways}")
+    sft_micro = cfg.sft.global_batch_size // cfg.sft.grad_accum
+    if sft and sft_micro % ways:
+        problems.append(f"an SFT micro-batch of {sft_micro} rows (sft.global_batch_size / sft.grad_accum) does "
                         f"not split over the {ways} chips of mesh {dict(mesh.shape)}: use a multiple of {ways}")
     local_ways = local.shape["data"] * local.shape["fsdp"]
     if cfg.sampling.batch_size % local_ways:
@@ -361,6 +365,39 @@ def train_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     return Program(lambda: lower_at(m.num_layers), [(lower_at, a)], passes * (layer_params * tokens + head * scored))
 
 
+def sft_program(cfg: Config, m: ModelConfig, mesh) -> Program:
+    """SFT's step (`spin_jax.sft`) on the whole slice: sft.global_batch_size rows of sft.max_length
+    (or data.max_length) tokens, packed or not (the same shapes), in sft.grad_accum micro-batches."""
+    from spin_jax import sft
+
+    f = cfg.sft
+    tc = f.train_section(cfg.train)
+    width = tokenize.bucket(f.max_length or cfg.data.max_length)
+    a, b = f.grad_accum, f.global_batch_size // f.grad_accum
+    lo = cfg.model.lora
+
+    def lower_at(layers: int, unroll: bool = False):
+        mc = _at_depth(m, layers, unroll)
+        tx, _ = train.make_optimizer(tc, 1000, tc.learning_rate)
+        trained = lora.adapter_shapes(mc, lo.targets, lo.rank) if lo.rank else transformer.param_shapes(mc)
+        shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), trained)
+        state = sharding.abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
+        objective = sft.SftObjective(mc, tc)
+        sh = objective.shardings(mesh)
+        spec = lambda dtype, s: jax.ShapeDtypeStruct((a, b, width), dtype, sharding=s)  # noqa: E731
+        batch = sft.SftBatch(tokens=spec(jnp.int32, sh.tokens), positions=spec(jnp.int32, sh.positions),
+                             segments=spec(jnp.int32, sh.segments), targets=spec(jnp.bool_, sh.targets))
+        if not lo.rank:
+            return train.make_train_step(mc, tc, tx, mesh, shapes, objective=objective).lower(state, None, batch)
+        base = _model_params(cfg, mc, mesh)
+        return train.make_train_step(mc, tc, tx, mesh, shapes, base, objective).lower(state, None, batch, base)
+
+    layer_params, head = matmul_params(m)
+    tokens = f.global_batch_size * width
+    passes = 4 if lo.rank else 6  # forward and backward (LoRA: no weight gradients of the base)
+    return Program(lambda: lower_at(m.num_layers), [(lower_at, a)], passes * (layer_params + head) * tokens)
+
+
 def score_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     """The opponent's log-probs of 2 * sampling.batch_size responses (a batch of pairs), one host."""
     rows = 2 * cfg.sampling.batch_size
@@ -438,14 +475,15 @@ def sample_program(cfg: Config, m: ModelConfig, mesh, memory_bytes: Optional[flo
 def advice(p: ProgramPlan, cfg: Config) -> str:
     """What to change, leaving out what the config already does."""
     tips = []
-    if p.name == "train":
+    if p.name in ("train", "sft"):
         if p.mesh.get("data", 1) > 1:
             tips.append("shard the parameters over every chip (mesh.fsdp=-1, mesh.data=1)")
         if cfg.model.remat != "full":
             tips.append("set model.remat=full")
-        micro = cfg.train.global_batch_size // cfg.train.grad_accum
+        section = cfg.train if p.name == "train" else cfg.sft
+        micro = section.global_batch_size // section.grad_accum
         if micro > p.mesh.get("data", 1) * p.mesh.get("fsdp", 1):
-            tips.append(f"raise train.grad_accum (now {cfg.train.grad_accum}) for smaller micro-batches")
+            tips.append(f"raise {p.name}.grad_accum (now {section.grad_accum}) for smaller micro-batches")
         if cfg.train.vocab_chunk == 0:
             tips.append("set train.vocab_chunk (e.g. 8192)")
         tips.append("use a slice with more chips or more HBM per chip")

@@ -106,8 +106,8 @@ def encode_conversation(tokenizer, messages: Sequence[dict], loss_on: str = "ass
     return ids, ([True] * len(ids) if loss_on == "all" else mask)
 
 
-def encode_conversations(tokenizer, rows: Sequence[dict], *, loss_on: str, max_length: int,
-                         first_turn_only: bool, where: str) -> list[tuple[list[int], list[bool]]]:
+def encode_conversations(tokenizer, rows: Sequence[dict], *, loss_on: str, max_length: int, first_turn_only: bool,
+                         where: str, progress: bool = True) -> list[tuple[list[int], list[bool]]]:
     """The encoded conversations of `rows` (each with "messages"); rows that keep no assistant turn
     are skipped, counted and reported. Nothing left, or no supervised token, is an SftDataError
     naming the counts and the key to change."""
@@ -115,7 +115,7 @@ def encode_conversations(tokenizer, rows: Sequence[dict], *, loss_on: str, max_l
 
     out, too_long, no_answer, bad = [], 0, 0, []
     for i, row in enumerate(tqdm(rows, desc="tokenize conversations", unit="conv", leave=False,
-                                 disable=jax.process_index() != 0 or len(rows) < 200)):
+                                 disable=not progress or jax.process_index() != 0 or len(rows) < 200)):
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]},
                                            {"role": "assistant", "content": row["response"]}]
         if not any(m.get("role") == "assistant" for m in messages):
@@ -251,6 +251,9 @@ class Schedule:
                      pad_id: int = 0, min_bucket: int = 16) -> Iterator[SftBatch]:
         """This host's rows of each global batch from update `start`: host h takes rows
         [h*G/H, (h+1)*G/H). Rows are as wide as the batch's longest, in a power-of-two bucket."""
+        if self.global_batch_size % process_count:
+            raise ValueError(f"sft.global_batch_size={self.global_batch_size} does not split over {process_count} "
+                             f"hosts: use a multiple of {process_count}")
         local = self.global_batch_size // process_count
         for plan in self.batches[start:]:
             used = max(sum(len(self.encoded[i][0]) for i in members) for members in plan)
@@ -300,6 +303,52 @@ class SftObjective:
 
     def host_batch(self, batch: SftBatch) -> SftBatch:
         return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Untrained special tokens
+
+UNTRAINED_CLUSTER = 32  # a token whose embedding this many other tokens share (cosine > 0.98) is untrained
+END_OF_TEXT = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>")  # a base model's end-of-document token
+
+
+def fix_untrained_tokens(params: dict, cfg, tokenizer, encoded) -> list[str]:
+    """Start the special tokens the conversations use (a chat template's turn markers) from a trained
+    embedding where a base model left them untrained, i.e. where a token's embedding is shared (cosine
+    > 0.98) by at least UNTRAINED_CLUSTER other tokens, as a base model's unused and chat tokens are.
+    Otherwise SFT raises every token of the cluster with it: a base Gemma 3 then puts the probability
+    of ending its turn on thousands of <unusedN> tokens. The end-of-turn token starts as the base
+    model's end-of-document token (<eos>, </s>, ...: the end it already predicts), any other as the
+    mean of the embeddings outside the cluster (Unsloth's fix_untrained_tokens); the input embedding
+    and, when untied, the output column. Changes `params` in place; returns the tokens changed."""
+    eot = tokenize.end_of_turn_id(tokenizer)
+    special = set(tokenizer.all_special_ids) | {eot}
+    used = sorted({t for ids, _ in encoded for t in ids} & special)
+    embed = np.asarray(params["embed"], np.float32)
+    head = np.asarray(params["lm_head"], np.float32) if "lm_head" in params else None
+    norms = np.linalg.norm(embed, axis=1) + 1e-12
+
+    def cluster_of(t):
+        return (embed @ (embed[t] / norms[t])) / norms > 0.98
+
+    vocab = tokenizer.get_vocab()
+    ends = [vocab[n] for n in END_OF_TEXT if n in vocab and vocab[n] != eot]
+    end = next((e for e in ends if cluster_of(e).sum() - 1 < UNTRAINED_CLUSTER), None)
+    changed = []
+    for t in used:
+        cluster = cluster_of(t)
+        if cluster.sum() - 1 < UNTRAINED_CLUSTER:
+            continue
+        source = end if t == eot and end is not None else None
+        embed[t] = embed[source] if source is not None else embed[~cluster].mean(0)
+        if head is not None:
+            head[:, t] = head[:, source] if source is not None else head[:, ~cluster].mean(1)
+        changed.append(f"{tokenizer.convert_ids_to_tokens(t)} (id {t}, from "
+                       f"{tokenizer.convert_ids_to_tokens(source) if source is not None else 'the mean'})")
+    params["embed"] = embed
+    if head is not None:
+        params["lm_head"] = head
+    return changed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,12 +423,18 @@ def _run_sft(cfg: Config, init: str, updates, progress: bool, stop_after, out_di
     mesh = sharding.mesh_from_config(cfg.mesh)
     spec = init_spec(cfg, init)
     theta = load_model_for(cfg.model, spec)
-    model = iterate.lora_base(cfg, theta)
     f, d = cfg.sft, cfg.data
     row_length = f.max_length or d.max_length
-    rows = sft_rows(cfg, model.tokenizer)
-    encoded = encode_conversations(model.tokenizer, rows, loss_on=f.loss_on, max_length=row_length,
-                                   first_turn_only=f.first_turn_only, where=f"{d.name} {d.train_split}")
+    rows = sft_rows(cfg, theta.tokenizer)
+    encoded = encode_conversations(theta.tokenizer, rows, loss_on=f.loss_on, max_length=row_length,
+                                   first_turn_only=f.first_turn_only, where=f"{d.name} {d.train_split}",
+                                   progress=progress)
+    if f.fix_untrained_tokens:
+        fixed = fix_untrained_tokens(theta.params, theta.cfg, theta.tokenizer, encoded)
+        if fixed:
+            log.info(f"sft.fix_untrained_tokens: {', '.join(fixed)}: shared one embedding with many untrained "
+                     "tokens (a base model's unused chat tokens)")
+    model = iterate.lora_base(cfg, theta)
     tc = f.train_section(cfg.train)
     schedule = Schedule(encoded, row_length, f.packing, f.global_batch_size, d.seed, f.epochs, updates)
     supervised = sum(sum(m[1:]) for _, m in encoded)

@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 16 pairs of a 64-token prompt and two 64-token responses: 3072 tokens side by side, 2048 response tokens
 PAIRS, PROMPT, RESPONSE = 16, 64, 64
+# SFT: 16 rows of 128 tokens
 OVERRIDES = [f"train.global_batch_size={PAIRS}", "data.max_prompt_length=64", "data.max_length=128",
-             "sampling.batch_size=16", "sampling.max_new_tokens=8", "model.remat=full"]
+             "sampling.batch_size=16", "sampling.max_new_tokens=8", "model.remat=full", "sft.global_batch_size=16"]
 
 
 def model() -> ModelConfig:
@@ -32,6 +33,8 @@ def token_counts(program: str) -> set[int]:
     """Token counts of the whole batch that no collective of a well-laid-out program holds."""
     if program == "sample":  # the prefill of 16 prompts
         return {16 * PROMPT}
+    if program == "sft":  # 16 rows of 128 tokens, and the 127 positions that predict a token
+        return {16 * (PROMPT + RESPONSE), 16 * (PROMPT + RESPONSE - 1)}
     rows = PAIRS if program == "train" else 16
     return {rows * (PROMPT + 2 * RESPONSE), 2 * rows * RESPONSE, 2 * rows * (RESPONSE - 1), rows * PROMPT}
 
@@ -46,14 +49,15 @@ def holds_token_count(c: collectives.Collective, counts: set[int]) -> bool:
 
 
 def compiled(program: str, mesh_shape, overrides=(), m: ModelConfig | None = None):
-    """(Program, compiled HLO text, config, model config) of `program` ("train", "score" or
+    """(Program, compiled HLO text, config, model config) of `program` ("train", "sft", "score" or
     "sample") on a (data, fsdp, tensor) mesh of this machine's devices."""
     cfg = load_config(os.path.join(ROOT, "configs/tiny_test.yaml"), [*OVERRIDES, *overrides])
     m = m or model()
     if cfg.model.lora.rank:
         m = lora.base_config(m, cfg.model)
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
-    build = {"train": plan.train_program, "score": plan.score_program, "sample": plan.sample_program}[program]
+    build = {"train": plan.train_program, "sft": plan.sft_program, "score": plan.score_program,
+             "sample": plan.sample_program}[program]
     prog = build(cfg, m, mesh)
     return prog, prog.lower().compile().as_text(), cfg, m
 

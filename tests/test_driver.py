@@ -174,6 +174,11 @@ def test_model_init_sft_runs_sft_first_and_the_baseline_takes_iteration_0s_updat
     s0 = json.load(open(os.path.join(runs, "r", "iter0", "summary.json")))
     baseline = json.load(open(os.path.join(runs, "r", "sft_from_iter0", "summary.json")))
     assert baseline["steps"] == s0["steps"] and baseline["start_model"] == sft_model
+    run_ok(["export", "--config", "configs/tiny_test.yaml", "--sft", "iter0", "--out", str(tmp_path / "exported"),
+            *args])
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    stored = sft_tensors(runs, "r", "sft_from_iter0")
+    assert exported.keys() == stored.keys() and all(np.array_equal(exported[k], stored[k]) for k in stored)
     p = cli(["sft", "--config", "configs/tiny_test.yaml", "--init", "iter3", *args])
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 1 and "pass --updates N" in out

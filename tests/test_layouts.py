@@ -20,7 +20,7 @@ from spin_jax.sampling import decode_mesh
 CASES = [("train", (1, 8, 1), ()), ("train", (1, 8, 1), ("train.opponent_logps=in_step",)),
          ("train", (1, 8, 1), ("model.lora.rank=4",)), ("score", (1, 8, 1), ()), ("sample", (1, 8, 1), ()),
          ("train", (2, 2, 2), ()), ("train", (2, 2, 2), ("train.opponent_logps=in_step", "model.lora.rank=4")),
-         ("score", (2, 2, 2), ()), ("sample", (2, 2, 2), ())]
+         ("score", (2, 2, 2), ()), ("sample", (2, 2, 2), ()), ("sft", (1, 8, 1), ()), ("sft", (2, 2, 2), ())]
 
 
 @pytest.mark.parametrize("program,mesh_shape,overrides", CASES)
@@ -42,8 +42,17 @@ def test_fsdp_train_step_moves_the_weights_per_pass_and_the_gradients_once(overr
     (forward, backward; the in-step opponent's forward) and the gradients reduced once (LoRA: the
     adapters' only). float32 compute, so weights move in float32."""
     cs, _, cfg, m = found("train", (1, 8, 1), overrides)
-    w = weight_bytes(m, 4)
-    expected = passes * w + (0 if cfg.model.lora.rank else w)
+    assert_fsdp_bytes(cs, weight_bytes(m, 4), passes, cfg.model.lora.rank)
+
+
+def test_fsdp_sft_step_moves_the_weights_per_pass_and_the_gradients_once():
+    cs, _, cfg, m = found("sft", (1, 8, 1))
+    assert_fsdp_bytes(cs, weight_bytes(m, 4), 2, 0)
+
+
+def assert_fsdp_bytes(cs, w: float, passes: int, lora_rank: int):
+    """Within 1.25x of FSDP's count: every weight gathered once per pass, gradients reduced once."""
+    expected = passes * w + (0 if lora_rank else w)
     moved = sum(collectives.totals(cs).values())
     assert 0.6 * expected <= moved <= 1.25 * expected, (moved, expected, collectives.totals(cs))
 
