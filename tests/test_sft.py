@@ -193,3 +193,26 @@ def test_step_on_8_devices_equals_one_device(tok):
     np.testing.assert_allclose(out["eight"][1]["loss"], out["one"][1]["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(out["eight"][0]), jax.tree.leaves(out["one"][0])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_untrained_end_of_turn_token_starts_from_the_end_of_text_embedding(tok):
+    """A chat token whose embedding many unused tokens share starts as the end-of-document token
+    (SmolLM2: <|im_end|> from <|endoftext|>); a trained one and every other row are left alone."""
+    rng = np.random.default_rng(0)
+    v, d = len(tok), 16
+    eot, end = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    embed = rng.standard_normal((v, d)).astype(np.float32)
+    untrained = rng.standard_normal(d).astype(np.float32)
+    cluster = [eot, *range(100, 140)]
+    embed[cluster] = untrained + 1e-4 * rng.standard_normal((len(cluster), d)).astype(np.float32)
+    head = rng.standard_normal((d, v)).astype(np.float32)
+    params = {"embed": embed.copy(), "lm_head": head.copy()}
+    encoded = [sft.encode_conversation(tok, c) for c in CONVERSATIONS]
+    assert sft.fix_untrained_tokens(params, None, tok, encoded) == [f"<|im_end|> (id {eot}, from <|endoftext|>)"]
+    np.testing.assert_array_equal(params["embed"][eot], embed[end])
+    np.testing.assert_array_equal(params["lm_head"][:, eot], head[:, end])
+    others = np.arange(v) != eot
+    np.testing.assert_array_equal(params["embed"][others], embed[others])
+    np.testing.assert_array_equal(params["lm_head"][:, others], head[:, others])
+    trained = {"embed": rng.standard_normal((v, d)).astype(np.float32)}
+    assert sft.fix_untrained_tokens(trained, None, tok, encoded) == []
