@@ -5,7 +5,6 @@ The run directory's layout and files are `spin_jax.rundir`'s.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -55,15 +54,9 @@ def lora_base(cfg: Config, model):
     """`model` as LoRA's frozen base: weights in model.base_dtype (int8/nf4: the seven projections
     quantized, the rest in param_dtype), its config carrying the adapters' scale and dropout.
     Without LoRA, `model` itself."""
-    from spin_jax.model import lora, quant
+    from spin_jax.model import lora
 
-    if not cfg.model.lora.rank:
-        return model
-    mcfg = lora.base_config(model.cfg, cfg.model)
-    params = jax.tree.map(lambda x: np.asarray(x, jax.numpy.dtype(mcfg.param_dtype)), model.params)
-    if cfg.model.base_dtype in quant.KINDS:
-        log.info(f"QLoRA: quantizing the base's projections to {cfg.model.base_dtype} (blocks of 64)")
-    return dataclasses.replace(model, cfg=mcfg, params=lora.quantize_base(params, cfg.model.base_dtype))
+    return lora.frozen_base(model, cfg.model)
 
 
 # ----------------------------------------------------------------------------------------------

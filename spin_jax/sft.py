@@ -357,11 +357,10 @@ def fix_untrained_tokens(params: dict, cfg, tokenizer, encoded) -> list[str]:
 
 def init_spec(cfg: Config, init: str) -> str:
     """The model SFT starts from: model.name (init "base"), or θt (init "iter<t>")."""
-    from spin_jax import iterate
-
     if init == "base":
         return cfg.model.name
-    return iterate.opponent_spec(cfg, parse_init(init))
+    return rundir.opponent_spec(cfg.model.name, cfg.run_dir, parse_init(init),
+                                cfg.sft_dir() if cfg.model.init == "sft" else None)
 
 
 def parse_init(init: str) -> int:
@@ -415,9 +414,10 @@ def _null():
 
 
 def _run_sft(cfg: Config, init: str, updates, progress: bool, stop_after, out_dir: str) -> dict:
-    from spin_jax import iterate, train
+    from spin_jax import train
     from spin_jax.io import hf
     from spin_jax.io.load import load_model_for
+    from spin_jax.model import lora
 
     t_start = time.time()
     mesh = sharding.mesh_from_config(cfg.mesh)
@@ -434,7 +434,7 @@ def _run_sft(cfg: Config, init: str, updates, progress: bool, stop_after, out_di
         if fixed:
             log.info(f"sft.fix_untrained_tokens: {', '.join(fixed)}: shared one embedding with many untrained "
                      "tokens (a base model's unused chat tokens)")
-    model = iterate.lora_base(cfg, theta)
+    model = lora.frozen_base(theta, cfg.model)
     tc = f.train_section(cfg.train)
     schedule = Schedule(encoded, row_length, f.packing, f.global_batch_size, d.seed, f.epochs, updates)
     supervised = sum(sum(m[1:]) for _, m in encoded)
@@ -458,8 +458,6 @@ def _run_sft(cfg: Config, init: str, updates, progress: bool, stop_after, out_di
                                 desc=label)
         lo = cfg.model.lora
         if lo.rank:
-            from spin_jax.model import lora
-
             adapters = lora.init_adapters(model.cfg, lo.targets, lo.rank, jax.random.key(d.seed))
             final, summary = trainer.run(adapters, None, batches_from, stop_after=stop_after, base=model.params)
         else:

@@ -20,7 +20,9 @@ rank axis is replicated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import os
 
@@ -29,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spin_jax.model import quant, transformer
+
+log = logging.getLogger(__name__)
 
 # target name -> the layer weight it adapts, and that weight's number of input axes after `layers`
 TARGETS = {t: (w, transformer.PROJECTION_INPUTS[w]) for t, w in
@@ -177,3 +181,16 @@ def export_peft(adapters: dict, cfg, out_dir: str, targets, rank: int, alpha: fl
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(peft_config(targets, rank, alpha, dropout, base_model), f, indent=2)
     save_file(to_peft(adapters, cfg), os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def frozen_base(model, m):
+    """A loaded model (`io.load.LoadedModel`) as LoRA's frozen base under the config's model section
+    `m`: weights in m.base_dtype (int8/nf4: the seven projections quantized, the rest in
+    param_dtype), its config carrying the adapters' scale and dropout. Without LoRA, `model` itself."""
+    if not m.lora.rank:
+        return model
+    mcfg = base_config(model.cfg, m)
+    params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(mcfg.param_dtype)), model.params)
+    if m.base_dtype in quant.KINDS:
+        log.info(f"QLoRA: quantizing the base's projections to {m.base_dtype} (blocks of 64)")
+    return dataclasses.replace(model, cfg=mcfg, params=quantize_base(params, m.base_dtype))
