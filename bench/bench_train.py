@@ -201,17 +201,7 @@ def run_jax(args, mode: str) -> dict:
     trained = m.params = None
     b = batch_arrays(args, cfg.vocab_size)[-1]
     batch = train.device_batch(b, mesh, dataclasses.replace(tcfg, grad_accum=args.pairs // args.micro_pairs))
-    t0 = time.perf_counter()
-    state, metrics = step(state, opponent, batch, *extra)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, opponent, batch, *extra)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return {"step_s": min(times), "compile_s": first - min(times), "loss": float(metrics["loss"])}
+    return _time_steps(lambda s: step(s, opponent, batch, *extra), state, args.steps)
 
 
 def run_jax_sft(args, m) -> dict:
@@ -282,9 +272,14 @@ def run_torch_sft(args) -> dict:
         opt.step()
         return loss_sum
 
+    return _time_torch(step, args.steps)
+
+
+def _time_torch(step, steps: int) -> dict:
+    """A warm-up step, then the fastest of `steps` timed ones."""
     step()
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
@@ -336,13 +331,7 @@ def run_torch(args) -> dict:
         opt.step()
         return total
 
-    step()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    return {"step_s": min(times), "loss": loss}
+    return _time_torch(step, args.steps)
 
 
 if __name__ == "__main__":

@@ -335,6 +335,16 @@ def _spin_batch(shardings, lead: tuple, prompts: int, p: int, r: int, with_logps
         opponent_logps=spec((2 * prompts,), jnp.float32, sh.opponent_logps) if with_logps else None)
 
 
+def _train_state(cfg: Config, mc: ModelConfig, tc, mesh):
+    """(optimizer, state shapes, abstract sharded state) of a train step: the whole params, or with
+    LoRA the adapters."""
+    lo = cfg.model.lora
+    tx, _ = train.make_optimizer(tc, 1000, tc.learning_rate)
+    trained = lora.adapter_shapes(mc, lo.targets, lo.rank) if lo.rank else transformer.param_shapes(mc)
+    shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), trained)
+    return tx, shapes, sharding.abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
+
+
 def train_program(cfg: Config, m: ModelConfig, mesh) -> Program:
     """The train step on the whole slice; its scan over micro-batches runs train.grad_accum times."""
     tc = cfg.train
@@ -346,10 +356,7 @@ def train_program(cfg: Config, m: ModelConfig, mesh) -> Program:
 
     def lower_at(layers: int, unroll: bool = False):
         mc = _at_depth(m, layers, unroll)
-        tx, _ = train.make_optimizer(tc, 1000, tc.learning_rate)
-        trained = lora.adapter_shapes(mc, lo.targets, lo.rank) if lo.rank else transformer.param_shapes(mc)
-        shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), trained)
-        state = sharding.abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
+        tx, shapes, state = _train_state(cfg, mc, tc, mesh)
         batch = _spin_batch(train.batch_shardings(mesh, not in_step), (a,), b, p, r, not in_step)
         if not lo.rank:
             opponent = state.params if in_step else None
@@ -378,10 +385,7 @@ def sft_program(cfg: Config, m: ModelConfig, mesh) -> Program:
 
     def lower_at(layers: int, unroll: bool = False):
         mc = _at_depth(m, layers, unroll)
-        tx, _ = train.make_optimizer(tc, 1000, tc.learning_rate)
-        trained = lora.adapter_shapes(mc, lo.targets, lo.rank) if lo.rank else transformer.param_shapes(mc)
-        shapes = jax.eval_shape(lambda prm: train.init_state(prm, tx), trained)
-        state = sharding.abstract(shapes, train.state_shardings(mc, mesh, shapes, tx))
+        tx, shapes, state = _train_state(cfg, mc, tc, mesh)
         objective = sft.SftObjective(mc, tc)
         sh = objective.shardings(mesh)
         spec = lambda dtype, s: jax.ShapeDtypeStruct((a, b, width), dtype, sharding=s)  # noqa: E731
