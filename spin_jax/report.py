@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 import numpy as np
 
@@ -208,18 +209,49 @@ def average(cells: dict) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def benchmarks_markdown(records: list[dict]) -> str:
-    """The paper's table: a row per model, a column per task (its metric, shots) and the average."""
+def benchmarks_markdown(records: list[dict], mt: Optional[tuple[str, dict]] = None) -> str:
+    """The paper's table: a row per model, a column per task (its metric, shots) and the average;
+    with `mt` (judge, {model id: MT-Bench scores}) the MT-Bench average too (1-10, not averaged in)."""
     columns, rows = benchmark_table(records)
+    if mt:
+        known = {label for label, _, _ in rows}
+        rows += [(label, None, {}) for label in mt[1] if label not in known]
     head = ["model"]
     for task in columns:
         r = next(cells[task] for _, _, cells in rows if task in cells)
         shots = r.get("n_shot") if r.get("n_shot") is not None else r.get("num_fewshot")
         head.append(f"{task} ({r['metric'].split(',')[0]}{'' if shots is None else f', {shots}-shot'}"
                     f"{'' if r.get('higher_is_better', True) else ', lower is better'})")
-    body = [[label, *(_value(cells[task]["value"]) if task in cells else "—" for task in columns),
+    body = [[label, *(_with_stderr(cells[task]) if task in cells else "—" for task in columns),
              _value(average(cells))] for label, _, cells in rows]
-    return table([*head, "average"], body)
+    if mt:
+        head.append(f"MT-Bench ({mt[0]}, 1-10)")
+        body = [row[:-1] + [row[-1], _value((mt[1].get(row[0]) or {}).get("average"))] for row in body]
+        out = table([*head[:-1], "average", head[-1]], body)
+    else:
+        out = table([*head, "average"], body)
+    notes = data_notes(records)
+    if any(r.get("stderr") is not None for r in records):
+        out += "\n\n± is lm-eval's standard error of the mean over the task's documents."
+    return out + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+
+
+def _with_stderr(r: dict) -> str:
+    s = r.get("stderr")
+    return _value(r["value"]) + (f" ± {s:.4f}" if s is not None and s == s else "")
+
+
+def data_notes(records: list[dict]) -> list[str]:
+    """Where a task's data was not lm-eval's own from the Hub: one line per task (newest record)."""
+    seen = {}
+    for r in records:
+        d = r.get("data") or {}
+        if d.get("source") == "packaged":
+            seen[r["task"]] = (f"`{r['task']}`: data from {d['package']} ({d['copy']})"
+                               + "".join(f"; {x}" for x in d.get("notes", [])))
+        elif d.get("source") == "hub cache":
+            seen[r["task"]] = f"`{r['task']}`: data loaded offline (the Hub's cache or the task's local files)"
+    return list(seen.values())
 
 
 def model_table(evals: dict[int, dict]) -> dict[str, dict]:
@@ -295,11 +327,19 @@ def render_markdown(run_dir: str, info: dict, evals: dict, figures: list[str], b
         out += ["No eval.jsonl yet: run `make evaluate ITER=t` for a trained iteration t.", ""]
 
     out += ["## Benchmarks", ""]
-    if bench:
+    from spin_jax import mt_bench
+
+    judged = mt_bench.run_scores(run_dir)
+    mt = next(iter(sorted(judged.items(), key=lambda kv: not kv[0].startswith("gpt-4"))), None)
+    if bench or mt:
         limited = sorted({r["task"] for r in bench if r.get("limit")})
-        out += [f"![benchmarks]({BENCH_PNG})", "",
+        out += ([f"![benchmarks]({BENCH_PNG})", ""] if bench else []) + [
                 "lm-evaluation-harness tasks on spin_jax's programs (`spin-jax benchmark`), the newest score of each "
-                "model and task; the average is over the higher-is-better columns:", "", benchmarks_markdown(bench), ""]
+                "model and task; the average is over the higher-is-better columns"
+                + (" (MT-Bench, `spin-jax mt-bench`, is apart: its own 1-10 scale)" if mt else "") + ":", "",
+                benchmarks_markdown(bench, mt), ""]
+        for judge_name, s in judged.items():
+            out += [mt_bench.markdown(s, judge_name), ""]
         if limited:
             out += [f"Scored on a --limit of their documents (a quick look, not a score): {', '.join(limited)}.", ""]
     else:

@@ -83,8 +83,16 @@ def link_problems(page: str) -> list[str]:
 def parser_flags() -> dict[str, set[str]]:
     from spin_jax.cli import build_parser
 
-    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
-    return {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.choices.items()}
+    def subparsers(parser):
+        return next((a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"), None)
+
+    out = {}
+    for name, p in subparsers(build_parser()).choices.items():
+        out[name] = {o for a in p._actions for o in a.option_strings}
+        nested = subparsers(p)  # spin-jax mt-bench answer|judge|show
+        for sub_name, sp in (nested.choices.items() if nested else ()):
+            out[f"{name} {sub_name}"] = {o for a in sp._actions for o in a.option_strings}
+    return out
 
 
 COMMAND = re.compile(r"(?:spin-jax|python -m spin_jax)\s+([a-z][\w-]*)((?:\s+[^#|;&]*)?)")
@@ -96,6 +104,12 @@ def flag_problems(page: str, known: dict[str, set[str]]) -> list[str]:
         for cmd, rest in COMMAND.findall(line):
             if cmd not in known:
                 out.append(f"{page}: `spin-jax {cmd}`: no such command (known: {', '.join(sorted(known))})")
+                continue
+            word = rest.split()[0] if rest.split() else ""
+            if f"{cmd} {word}" in known:
+                cmd = f"{cmd} {word}"
+            elif word and any(k.startswith(cmd + " ") for k in known):
+                out.append(f"{page}: `spin-jax {cmd} {word}`: no such subcommand")
                 continue
             for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
                 if flag not in known[cmd]:
