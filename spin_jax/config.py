@@ -81,6 +81,9 @@ class DataSection:
     max_length: int = 1024
     max_prompt_length: int = 512
     mix_previous: bool = True  # iteration t >= 1 trains on iter t-1's + iter t's synthetic data
+    # keep only rows whose human response, end-of-turn token included, fits max_length - max_prompt_length
+    # tokens: no real response is cut short (else truncation alone tells real from generated)
+    complete_responses: bool = False
     max_bad_fraction: float = 0.0  # share of bad rows that may be skipped (and counted)
     seed: int = 42
 
@@ -164,6 +167,20 @@ class SftSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class StudySection:
+    """`make study`: SPIN against more SFT from the same θ0, on held-out prompts (docs/study.md)."""
+    iterations: int = 3  # SPIN iterations θ1 .. θT, and as many SFT steps beside them
+    num_heldout: int = 300  # held-out prompts of data.eval_split every model answers
+    seeds: tuple = (0,)  # sampling seeds of the held-out answers (the metrics average over them)
+    feature_model: str = "gemma3-270m"  # a frozen model no arm trains: its pooled hidden states feed MAUVE
+    feature_batch: int = 16
+    mauve_buckets: int = 0  # k-means clusters of the MAUVE quantization (0: mauve-text's rule, samples / 10)
+    bootstrap: int = 2000  # paired bootstrap resamples over held-out prompts
+    tasks: str = "arc_easy,arc_challenge,hellaswag,piqa,winogrande"  # lm-eval tasks (benchmark --data auto)
+    task_limit: int = 250  # documents per task (0: all)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshSection:
     data: int = -1  # -1 = all devices left
     fsdp: int = 1
@@ -203,6 +220,7 @@ class Config:
     sampling: SamplingSection = SamplingSection()
     train: TrainSection = TrainSection()
     sft: SftSection = SftSection()
+    study: StudySection = StudySection()
     mesh: MeshSection = MeshSection()
     distributed: DistributedSection = DistributedSection()
     tracking: TrackingSection = TrackingSection()
@@ -372,6 +390,16 @@ def validate(cfg: Config) -> list[tuple[str, Any, str]]:
     if f.global_batch_size >= 1 and f.grad_accum >= 1:
         need(f.global_batch_size % f.grad_accum == 0, "sft.grad_accum", f.grad_accum,
              f"a divisor of sft.global_batch_size ({f.global_batch_size})")
+    st = cfg.study
+    need(st.iterations >= 1, "study.iterations", st.iterations, ">= 1")
+    need(st.num_heldout >= 10, "study.num_heldout", st.num_heldout, ">= 10 held-out prompts")
+    need(bool(st.seeds) and all(isinstance(x, int) and not isinstance(x, bool) for x in st.seeds)
+         and len(set(st.seeds)) == len(st.seeds), "study.seeds", list(st.seeds), "a list of distinct integers")
+    need(st.feature_batch >= 1, "study.feature_batch", st.feature_batch, ">= 1")
+    need(st.mauve_buckets == 0 or st.mauve_buckets >= 2, "study.mauve_buckets", st.mauve_buckets,
+         ">= 2, or 0 for mauve-text's rule (samples / 10)")
+    need(st.bootstrap >= 100, "study.bootstrap", st.bootstrap, ">= 100 resamples")
+    need(st.task_limit >= 0, "study.task_limit", st.task_limit, ">= 0 (0: every document)")
     w = cfg.tracking.wandb
     need(w.mode in WANDB_MODES, "tracking.wandb.mode", w.mode, f"one of {', '.join(WANDB_MODES)}")
     need(w.project is None or bool(w.project.strip()), "tracking.wandb.project", w.project,

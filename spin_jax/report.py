@@ -52,7 +52,16 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
         if bench:
             plot_benchmarks(bench, os.path.join(tmp, BENCH_PNG))
             figures.append(BENCH_PNG)
-        rundir.atomic_write(os.path.join(tmp, "report.md"), render_markdown(run_dir, info, evals, figures, bench))
+        text = render_markdown(run_dir, info, evals, figures, bench)
+        study = os.path.join(run_dir, "study")
+        if os.path.exists(os.path.join(study, "study.md")):  # a study's run: its section, its plot beside it
+            with open(os.path.join(study, "study.md"), encoding="utf-8") as f:
+                body = f.read().split("\n", 1)[1]  # its own title goes
+            text += "\n## Study: SPIN against SFT\n\n" + body.replace("\n## ", "\n### ")
+            for name in os.listdir(study):
+                if name.endswith(".png"):
+                    shutil.copyfile(os.path.join(study, name), os.path.join(tmp, name))
+        rundir.atomic_write(os.path.join(tmp, "report.md"), text)
         if os.path.isdir(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.old", dir=parent)
             os.replace(out_dir, os.path.join(old, "report"))  # a report of ours (check_report_dir)

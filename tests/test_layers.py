@@ -15,7 +15,8 @@ PKG = os.path.join(ROOT, "spin_jax")
 # Highest first. A module may import modules of lower layers, and of its own layer without a cycle.
 LAYERS = [
     ("cli", {"cli", "__main__"}),
-    ("drivers", {"iterate", "sft", "evaluate", "benchmark", "benchmark_data", "mt_bench", "report", "plan"}),
+    ("drivers", {"iterate", "sft", "evaluate", "benchmark", "benchmark_data", "mt_bench", "study", "report",
+                 "plan"}),
     ("steps", {"sampling", "train", "scoring", "data.*"}),
     ("core", {"model.*", "loss", "io.*"}),
     ("base", {"sharding", "collectives", "rundir", "logs", "errors", "tracking", "benchmark_tasks.*"}),

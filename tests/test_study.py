@@ -1,0 +1,126 @@
+"""`make study`'s statistics on known inputs (MAUVE, the bootstrap's coverage, distinct-n,
+repetition, McNemar), its data split, and a whole tiny study on a tiny model that writes every
+table and plot and resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spin_jax import study
+from spin_jax.data import prompts
+
+pytest.importorskip("mauve")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mauve_of_a_sample_against_itself_is_near_1_and_of_disjoint_ones_far_below():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    far = rng.normal(size=(300, 16)) + np.r_[6.0, np.zeros(15)]  # another distribution
+    labels, k = study.quantize({"p": a, "same": b, "far": far})
+    assert k == 30
+    same, apart = study.mauve_from_labels(labels["p"], labels["same"], k), study.mauve_from_labels(
+        labels["p"], labels["far"], k)
+    assert same > 0.9 and apart < 0.1, (same, apart)
+    assert study.mauve_from_labels(labels["p"], labels["p"], k) == pytest.approx(1.0, abs=1e-6)
+    # mauve-text's own compute_mauve agrees on both
+    assert study.mauve_text(a, b) > 0.9 and study.mauve_text(a, far) < 0.1
+
+
+def test_the_bootstrap_interval_covers_a_known_difference_at_its_rate():
+    """Paired data with a known mean difference: the 95% percentile interval of the paired
+    bootstrap covers it in about 95% of 300 simulated data sets."""
+    rng = np.random.default_rng(1)
+    n, delta, covered, trials = 80, 0.3, 0, 300
+    for trial in range(trials):
+        base = rng.normal(size=n)
+        x, y = base + rng.normal(size=n) + delta, base + rng.normal(size=n)
+        idx = study.bootstrap_indices(n, 1000, seed=trial)
+        lo, hi = study.interval(x[idx].mean(axis=1) - y[idx].mean(axis=1))
+        covered += lo <= delta <= hi
+    assert 0.91 <= covered / trials <= 0.985, covered / trials
+
+
+def test_distinct_n_repetition_and_mcnemar_on_hand_made_inputs():
+    assert study.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # (a b), (b a), (a b)
+    assert study.distinct_n(["a b", "a b"], 2) == 0.5 and study.distinct_n(["one"], 2) == 0.0
+    assert study.repetition("a b c d a b c d") == pytest.approx(1 / 5)  # 5 four-grams, abcd twice
+    assert study.repetition("the cat sat on the mat") == 0.0 and study.repetition("hi") == 0.0
+    assert study.repetition("no no no no no no") == pytest.approx(2 / 3)
+    ids = study.GramIds(["a b a b", "c d"])
+    assert ids.distinct(np.array([0])) == pytest.approx(2 / 3) and ids.distinct(np.array([0, 1])) == 0.75
+    assert ids.distinct(np.array([1, 1])) == 0.5  # a resample may draw a text twice
+    r = study.mcnemar([1, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 1])
+    assert (r["a_only"], r["b_only"]) == (4, 0) and r["p"] == pytest.approx(0.125)
+    assert study.mcnemar([1, 0], [1, 0])["p"] == 1.0
+
+
+def test_arms_steps_and_conversations():
+    assert prompts.conversation_root("QWJhYvA_12") == "QWJhYvA" and prompts.conversation_root("x1") == "x1"
+    assert [study.previous(x) for x in ("spin1", "spin3", "sft2", "theta0")] == ["theta0", "spin2", "sft1", None]
+    assert study.matched("spin2") == "sft2" and study.matched("sft3") == "spin3" and study.matched("theta0") is None
+
+
+def cli(args, quiet=True):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "spin_jax", *args, *(["--no-progress"] if quiet else [])],
+                          cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def test_a_tiny_study_writes_every_table_and_plot_and_resumes(tiny_model_dir, tmp_path):
+    sets = [f"runs_dir={tmp_path}", f"model.name={tiny_model_dir}", "model.init=sft", "data.max_length=96",
+            "data.complete_responses=true", "data.num_prompts=16", "sampling.max_new_tokens=8", "train.epochs=1",
+            "sft.global_batch_size=8", "study.iterations=2", "study.num_heldout=12",
+            f"study.feature_model={tiny_model_dir}", "study.tasks=spin_local_mc", "study.task_limit=4",
+            "study.bootstrap=100", "study.mauve_buckets=4"]
+    args = ["study", "--config", "configs/tiny_test.yaml", *[x for s in sets for x in ("--set", s)]]
+    p = cli(args)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = tmp_path / "tiny" / "study"
+    for name in ("study.md", "study_metrics.png", "results.json", "heldout.jsonl"):
+        assert (d / name).exists(), name
+    r = json.loads((d / "results.json").read_text())
+    labels = ["theta0", "spin1", "spin2", "sft1", "sft2"]
+    assert sorted(r["models"]) == sorted(labels)
+    assert r["updates"]["sft1"] == r["updates"]["spin1"] and r["updates"]["sft2"] == r["updates"]["spin2"]
+    for lab in labels:
+        m = r["models"][lab]
+        assert 0 <= m["mauve"]["value"] <= 1 and m["mauve"]["ci"][0] <= m["mauve"]["ci"][1]
+        assert m["nll_per_token"]["value"] > 0
+        assert (m["margin"]["value"] == m["margin"]["value"]) == (lab != "theta0")  # NaN for θ0 only
+    assert {"spin2 - theta0", "spin2 - sft2", "sft1 - theta0"} <= set(r["differences"])
+    assert r["decision"]["verdict"] in ("effect", "no effect shown", "harm")
+    assert set(r["tasks"]["spin_local_mc"]["models"]) == set(labels)
+    text = (d / "study.md").read_text()
+    assert "## Decision" in text and "θ2 (SPIN)" in text and "S2 (SFT)" in text and "McNemar" in text
+    # the held-out prompts share no conversation with the training split, and every human response fits
+    held = [json.loads(x) for x in (d / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 12
+    from spin_jax.config import load_config
+    from spin_jax.data import tokenize
+    from spin_jax.io.load import load_tokenizer
+
+    cfg = load_config("configs/tiny_test.yaml", sets)
+    train_roots = {prompts.conversation_root(i) for i in prompts.split_ids(cfg.data, cfg.data.train_split)}
+    assert not {prompts.conversation_root(h["id"]) for h in held} & train_roots
+    tok = load_tokenizer(tiny_model_dir)
+    assert all(len(tokenize.response_ids(tok, h["response"])) <= 96 - 48 for h in held)
+    # the run's report carries the study's section and plot
+    p = cli(["report", "--run", str(tmp_path / "tiny")], quiet=False)
+    assert p.returncode == 0, p.stderr
+    rep = (tmp_path / "tiny" / "report" / "report.md").read_text()
+    assert "## Study: SPIN against SFT" in rep and "### Decision" in rep
+    assert (tmp_path / "tiny" / "report" / "study_metrics.png").exists()
+    # a rerun trains, answers and featurizes nothing again
+    stamp = {f: os.path.getmtime(f) for f in (d / "answers").iterdir()}
+    p = cli(args)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "already done" in p.stderr and "already trained" in p.stderr
+    assert {f: os.path.getmtime(f) for f in (d / "answers").iterdir()} == stamp
+    again = json.loads((d / "results.json").read_text())
+    assert json.dumps(again["models"]) == json.dumps(r["models"])  # NaN (θ0's margin) compares as text
