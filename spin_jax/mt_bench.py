@@ -148,6 +148,7 @@ def answer(model, model_id: str, out_dir: str, limit: Optional[int] = None, max_
                     prompts.append(_fit(tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=True),
                                         context - max_new_tokens, q, turn))
                 samples = sampler.generate(params, prompts, sp, seed=seed + 1000 * turn + start, progress=update)
+                sampler.release_caches()  # the next batch's conversations are of other lengths
                 for conv, s in zip(convs, samples):
                     conv.append({"role": "assistant", "content": tok.decode(s.text_ids, skip_special_tokens=True)
                                  .strip()})

@@ -333,6 +333,11 @@ class Sampler:
         return [Sample(toks[i, :lengths[i]].tolist(), logps[i, :lengths[i]].tolist(),
                        "eos" if done[i] else "length") for i in range(n_real)]
 
+    def release_caches(self) -> None:
+        """Drop the KV caches kept for reuse (one per prompt bucket and sampling law): a caller whose
+        every batch has another shape (MT-Bench's long second turns) keeps memory to one batch's."""
+        self._caches.clear()
+
     def _new_cache(self, length: int) -> KVCache:
         return jax.jit(lambda: cache_lib.init_cache(self.cfg, self.batch_size, length),
                        out_shardings=self.cache_shardings(length))()

@@ -207,6 +207,7 @@ def answer_and_score(cfg: Config, rows: list[dict], progress: bool = True) -> No
             ref = previous(label)
             if ref is not None:
                 scores["ref"][str(seed)] = logps(*answers_of(ref, seed), f"score {label} on {ref}'s")[0]
+        os.makedirs(os.path.dirname(_scores_path(cfg, label)), exist_ok=True)
         rundir.write_json(_scores_path(cfg, label), scores)
         log.info(f"study: {label} answered and scored -> {out}")
         del model, params
@@ -693,7 +694,9 @@ def plot(cfg: Config, result: dict, path: str) -> None:
             lo = np.asarray([result["models"][lab][m]["ci"][0] for lab in labs], np.float64)
             hi = np.asarray([result["models"][lab][m]["ci"][1] for lab in labs], np.float64)
             x = np.arange(T + 1) + (0.05 if arm == "sft" else -0.05)
-            ax.errorbar(x, v, yerr=[np.nan_to_num(v - lo), np.nan_to_num(hi - v)], marker="o", capsize=3,
+            # the point estimate may lie outside its percentile interval (a skewed statistic): bars from the interval
+            yerr = [np.clip(np.nan_to_num(v - lo), 0, None), np.clip(np.nan_to_num(hi - v), 0, None)]
+            ax.errorbar(x, v, yerr=yerr, marker="o", capsize=3,
                         color=color, label="SPIN θt" if arm == "spin" else "SFT St")
         ax.set_title(NAMES[m])
         ax.set_xticks(range(T + 1))

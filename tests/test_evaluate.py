@@ -183,10 +183,10 @@ def test_report_renders_markdown_and_pngs_of_the_expected_size(run):
     head = "| model | spin_local_mc (acc_norm, 0-shot) | spin_local_gen (exact_match, 0-shot) | average |"
     assert head in bench and "a --limit of their documents" in bench
     records = rundir.read_benchmarks(os.path.join(run["run_dir"], "benchmarks.jsonl"))
-    value = {(r["label"], r["task"]): r["value"] for r in records}
-    for label in ("base", "iter0", "iter1"):  # each model's row, its average over the two columns
-        mc, gen = value[(label, "spin_local_mc")], value[(label, "spin_local_gen")]
-        assert f"| {label} | {mc:.4f} | {gen:.4f} | {(mc + gen) / 2:.4f} |" in bench
+    value = {(r["label"], r["task"]): (r["value"], r["stderr"]) for r in records}
+    for label in ("base", "iter0", "iter1"):  # each model's row: value ± lm-eval's stderr, the average of the two
+        (mc, mc_se), (gen, gen_se) = value[(label, "spin_local_mc")], value[(label, "spin_local_gen")]
+        assert f"| {label} | {mc:.4f} ± {mc_se:.4f} | {gen:.4f} ± {gen_se:.4f} | {(mc + gen) / 2:.4f} |" in bench
 
 
 def test_export_of_a_trained_iteration_gives_transformers_our_logits(run):

@@ -114,13 +114,14 @@ def test_default_commands_never_see_libtpu():
     assert "TPU" not in p.stderr and "libtpu" not in p.stderr, p.stderr
 
 
-def run_with_libtpu(script: str, timeout: int):
-    """Run a Python script with the TPU compiler on its path; its last line of output as JSON."""
+def run_with_libtpu(script: str, timeout: int, args=()):
+    """Run a Python script (with `args` as sys.argv[1:]) with the TPU compiler on its path; its last
+    line of output as JSON."""
     if not os.path.isdir(os.path.join(TPU_PATH, "libtpu")):
         pytest.skip(f"no libtpu in {TPU_PATH}: `make venv-tpu` installs it (make test does)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TPU_PATH, ROOT]), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -183,15 +184,18 @@ from spin_jax.config import load_config
 from spin_jax.io.load import model_config_only
 from layouts import holds_token_count
 out = {}
-for config, topology, sets in (
+wanted = dict(a.split(":") for a in sys.argv[1:])  # config kind -> comma-separated programs
+for kind, config, topology, sets in (
         # batch sizes whose token counts are none of the model's dimensions (4096, 14336, 32000) nor the vocab chunk,
         # and 128-token prompts and responses: XLA:TPU's compile time grows with the tokens per chip, the layout not
-        ("configs/zephyr_ultrachat_tpu.yaml", "v5p-32", ["train.global_batch_size=48", "data.max_length=256",
+        ("paper", "configs/zephyr_ultrachat_tpu.yaml", "v5p-32", ["train.global_batch_size=48", "data.max_length=256",
                                                          "data.max_prompt_length=128", "sampling.batch_size=12",
                                                          "sampling.max_new_tokens=32"]),
-        ("configs/zephyr_lora_v5e8.yaml", "v5e-8", ["train.global_batch_size=24", "data.max_length=256",
+        ("lora", "configs/zephyr_lora_v5e8.yaml", "v5e-8", ["train.global_batch_size=24", "data.max_length=256",
                                                     "data.max_prompt_length=128", "sampling.batch_size=12",
                                                     "sampling.max_new_tokens=32"])):
+    if kind not in wanted:
+        continue
     cfg = load_config(config, sets)
     m = model_config_only(cfg.model.name, cfg.model.shapes_config).replace(
         num_layers=2, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, attention="xla")
@@ -210,6 +214,8 @@ for config, topology, sets in (
     programs = (("train", plan.train_program, mesh), ("score", plan.score_program, local),
                 ("sample", plan.sample_program, local))
     for name, build, pm in programs[:1] if cfg.model.lora.rank else programs:  # LoRA's score, sample: the base's
+        if name not in wanted[kind].split(","):
+            continue
         prog = build(cfg, m, pm, memory_bytes=chip.hbm_bytes) if name == "sample" else build(cfg, m, pm)
         compiled = prog.lower().compile()
         found = collectives.collectives(compiled.as_text(), unknown_trips=prog.unknown_trips)
@@ -227,13 +233,19 @@ print(json.dumps(out))
 """
 
 
-def test_paper_and_lora_configs_on_tpu_fit_move_no_whole_batch_and_decode_gathers_no_weights():
+def check_tpu_layouts(parts: list[str], expect: int) -> dict:
     """With XLA:TPU, the paper config's shapes at 2 layers on a v5p-32 (train over 16 chips, score and
     sample on one host's 4) and the LoRA config's train step on a v5e-8, XLA attention: each program fits the
     chip, no collective carries the whole batch's tokens (the sampler, tensor-parallel over all of a
-    host's chips, holds every row on each), and the decode loop all-gathers no weight."""
-    out = run_with_libtpu(TPU_LAYOUTS, timeout=900)
-    assert len(out) == 4, out
+    host's chips, holds every row on each), and the decode loop all-gathers no weight. `parts`:
+    "paper:score,sample"-style selections (two test files share the compiles: tests/test_plan_train.py)."""
+    out = run_with_libtpu(TPU_LAYOUTS, timeout=900, args=parts)
+    assert len(out) == expect, out
     for name, got in out.items():
         assert got["fits"] and not got["whole_batch"] and not got["decode_weight_gathers"], (name, got)
-    assert out["v5p-32 train"]["mesh"]["fsdp"] == 16 and out["v5p-32 sample"]["mesh"]["tensor"] == 4, out
+    return out
+
+
+def test_paper_config_scores_and_samples_on_tpu_moving_no_whole_batch_and_gathering_no_weights():
+    out = check_tpu_layouts(["paper:score,sample"], 2)
+    assert out["v5p-32 sample"]["mesh"]["tensor"] == 4, out
