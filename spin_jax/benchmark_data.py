@@ -202,7 +202,7 @@ def packaged_task(tm, task: str, shots: Optional[int], root: str) -> tuple[str, 
     for key in ("tag", "group", "task_list"):
         cfg.pop(key, None)
     data = {"source": "packaged", "package": f"{PACKAGE}=={VERSION}", "copy": copy.folder,
-            "dataset": cfg.get("dataset_path") + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else ""),
+            "dataset": dataset_label(cfg),
             "splits": present, "notes": notes + ([copy.note] if copy.note else [])}
     cfg.update(task=name, custom_dataset=_loader(directory, present, copy.convert),
                metadata=dict(cfg.get("metadata") or {}, spin_jax_data=data))
@@ -252,7 +252,7 @@ def resolve(tm, tasks: Sequence[tuple[str, Optional[int]]], data: str, explicit:
     if not online:
         hub_offline()
     for task, shots in tasks:
-        if task in local or data == "hub" or online:
+        if task in local or online:
             out.append((task, shots))
             notes[task] = {"source": "local" if task in local else "hub"}
             continue
@@ -275,6 +275,12 @@ def resolve(tm, tasks: Sequence[tuple[str, Optional[int]]], data: str, explicit:
     return out, notes, skipped
 
 
+def dataset_label(cfg: dict) -> str:
+    """A task config's data set as the Hub names it: "path (name)", "" without a dataset_path."""
+    path = cfg.get("dataset_path")
+    return (path + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else "")) if path else ""
+
+
 def _dataset_of(entry) -> str:
     if entry is None or not entry.yaml_path:
         return ""
@@ -284,15 +290,16 @@ def _dataset_of(entry) -> str:
         cfg = load_yaml(entry.yaml_path, resolve_func=False)
     except Exception:  # a YAML that needs its functions to load: no name to show
         return ""
-    path = cfg.get("dataset_path")
-    return f" {path}" + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else "") if path else ""
+    label = dataset_label(cfg)
+    return f" {label}" if label else ""
 
 
 def _local_tasks(tm) -> set:
     """The tasks of spin_jax/benchmark_tasks/ (their data ships with them)."""
-    local = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_tasks")
+    from spin_jax.benchmark_tasks import TASKS_DIR
+
     return {name for name, e in tm.task_index.items()
-            if e.yaml_path and os.path.abspath(str(e.yaml_path)).startswith(local)}
+            if e.yaml_path and os.path.abspath(str(e.yaml_path)).startswith(TASKS_DIR)}
 
 
 def _from_hub_cache(tm, task: str) -> bool:

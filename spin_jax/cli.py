@@ -69,6 +69,13 @@ def check_inputs(args) -> None:
         raise UsageError(f"--input {path}: no such file")
 
 
+def check_new_tokens(max_new_tokens: int, context: int) -> None:
+    """--max-new-tokens must leave a prompt room in the model's context (checked before any model loads)."""
+    if max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the model's context is {context} tokens, and the "
+                         f"prompt needs some of them; use at most {context - 1}")
+
+
 def enable_compile_cache() -> None:
     """JAX's persistent compilation cache, so a rerun, a resumed run or the next iteration loads
     the sampler's, scorer's and train step's compiled programs instead of compiling them again.
@@ -392,13 +399,12 @@ def cmd_mt_bench_answer(args) -> None:
     out_dir = _mt_bench_dir(args)
     common = dict(limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                   progress=not args.no_progress)
-    if args.model:
-        from spin_jax.io.load import load_model, model_config_only
+    from spin_jax.io.load import model_config_only
 
-        context = model_config_only(args.model).max_position_embeddings
-        if args.max_new_tokens >= context:
-            raise UsageError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens, and "
-                             f"the prompt needs some of them; use at most {context - 1}")
+    if args.model:
+        from spin_jax.io.load import load_model
+
+        check_new_tokens(args.max_new_tokens, model_config_only(args.model).max_position_embeddings)
         model_id = args.model_id or os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
         model = load_model(args.model, dtype=args.dtype, chat_template=args.chat_template,
                            template_option="--chat-template")
@@ -407,6 +413,8 @@ def cmd_mt_bench_answer(args) -> None:
     from spin_jax.io.load import load_model_for
 
     cfg = _load_config(args)
+    check_new_tokens(args.max_new_tokens, model_config_only(cfg.model.name, cfg.model.shapes_config)
+                     .max_position_embeddings)
     sft_dir = cfg.sft_dir() if cfg.model.init == "sft" else None
     specs = rundir.model_specs(cfg.model.name, cfg.run_dir, args.iter, sft_dir)
     specs += rundir.side_models(cfg.model.name, cfg.run_dir, args.iter, sft_dir)
@@ -420,9 +428,10 @@ def cmd_mt_bench_judge(args) -> None:
 
     if args.parallel < 1 or args.retries < 0:
         raise UsageError(f"--parallel {args.parallel} must be >= 1 and --retries {args.retries} >= 0")
-    print(mt_bench.judge(_mt_bench_dir(args), args.judge_model, args.base_url, args.model_id, parallel=args.parallel,
+    out_dir = _mt_bench_dir(args)
+    print(mt_bench.judge(out_dir, args.judge_model, args.base_url, args.model_id, parallel=args.parallel,
                          retries=args.retries, progress=not args.no_progress))
-    print(mt_bench.show(_mt_bench_dir(args), args.judge_model, args.model_id))
+    print(mt_bench.show(out_dir, args.judge_model, args.model_id))
 
 
 def cmd_mt_bench_show(args) -> None:
@@ -512,10 +521,7 @@ def cmd_sample(args) -> None:
     if problems:
         raise UsageError("; ".join(problems))
     check_inputs(args)
-    context = model_config_only(args.model).max_position_embeddings
-    if args.max_new_tokens >= context:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {context} tokens, and the "
-                         f"prompt needs some of them; use at most {context - 1}")
+    check_new_tokens(args.max_new_tokens, model_config_only(args.model).max_position_embeddings)
     lines: list[int] = []
     rows = [{"prompt": args.prompt}] if args.prompt else scoring.read_jsonl(args.input, ("prompt",), lines)
     model = load_model(args.model, dtype=args.dtype, chat_template=args.chat_template,

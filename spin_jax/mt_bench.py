@@ -124,9 +124,6 @@ def answer(model, model_id: str, out_dir: str, limit: Optional[int] = None, max_
         return path
     tok = model.tokenizer
     context = model.cfg.max_position_embeddings
-    if max_new_tokens >= context:
-        raise UsageError(f"--max-new-tokens {max_new_tokens}: the model's context is {context} tokens, and the "
-                         f"prompt needs some of them; use at most {context - 1}")
     stops = tuple(sorted({tokenize.end_of_turn_id(tok), *([tok.eos_token_id] if tok.eos_token_id is not None else [])}))
     sampler = Sampler(model.cfg, mesh, batch_size=batch_size, pad_id=tok.pad_token_id or 0)
     params = sampler.place(model.params)
@@ -145,8 +142,8 @@ def answer(model, model_id: str, out_dir: str, limit: Optional[int] = None, max_
                 prompts = []
                 for conv, q in zip(convs, chunk):
                     conv.append({"role": "user", "content": q["turns"][turn]})
-                    prompts.append(_fit(tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=True),
-                                        context - max_new_tokens, q, turn))
+                    prompts.append(_fit(tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=True,
+                                                                return_dict=False), context - max_new_tokens, q, turn))
                 samples = sampler.generate(params, prompts, sp, seed=seed + 1000 * turn + start, progress=update)
                 sampler.release_caches()  # the next batch's conversations are of other lengths
                 for conv, s in zip(convs, samples):
@@ -163,7 +160,7 @@ def answer(model, model_id: str, out_dir: str, limit: Optional[int] = None, max_
 
 
 def _fit(ids, limit: int, q: dict, turn: int) -> list[int]:
-    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    ids = list(ids)
     if len(ids) > limit:  # a long first answer: keep the conversation's end, as a chat UI does
         log.warning(f"question {q['question_id']} turn {turn + 1}: the conversation is {len(ids)} tokens; its last "
                     f"{limit} are kept (the model's context less --max-new-tokens)")
@@ -172,19 +169,9 @@ def _fit(ids, limit: int, q: dict, turn: int) -> list[int]:
 
 
 def _read_answers(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise SpinError(f"{path}:{n}: not a JSON line (a write cut short?); delete that line and "
-                                "rerun") from None
-    return out
+    """An answer file's lines (none if it does not exist); a bad line is an error naming it."""
+    return rundir.read_records(path, ("question_id", "choices"), "`spin-jax mt-bench answer` or FastChat",
+                               "delete that line and rerun")
 
 
 def _sort_answers(path: str) -> None:
@@ -365,7 +352,9 @@ def _describe(e) -> str:
 
 
 def _read_judgments(path: str) -> list[dict]:
-    return _read_answers(path)
+    """A judgment file's lines (none if it does not exist); a bad line is an error naming it."""
+    return rundir.read_records(path, ("question_id", "model", "judge", "score", "turn"),
+                               "`spin-jax mt-bench judge` or FastChat", "delete that line and rerun")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,12 +233,11 @@ def benchmarks_markdown(records: list[dict], mt: Optional[tuple[str, dict]] = No
                     f"{'' if r.get('higher_is_better', True) else ', lower is better'})")
     body = [[label, *(_with_stderr(cells[task]) if task in cells else "—" for task in columns),
              _value(average(cells))] for label, _, cells in rows]
+    head.append("average")
     if mt:
         head.append(f"MT-Bench ({mt[0]}, 1-10)")
-        body = [row[:-1] + [row[-1], _value((mt[1].get(row[0]) or {}).get("average"))] for row in body]
-        out = table([*head[:-1], "average", head[-1]], body)
-    else:
-        out = table([*head, "average"], body)
+        body = [row + [_value((mt[1].get(row[0]) or {}).get("average"))] for row in body]
+    out = table(head, body)
     notes = data_notes(records)
     if any(r.get("stderr") is not None for r in records):
         out += "\n\n± is lm-eval's standard error of the mean over the task's documents."
@@ -250,17 +249,21 @@ def _with_stderr(r: dict) -> str:
     return _value(r["value"]) + (f" ± {s:.4f}" if s is not None and s == s else "")
 
 
+def data_note(task: str, d: Optional[dict]) -> Optional[str]:
+    """Where a task's data came from when it was not lm-eval's own from the Hub (benchmark_data's
+    note), as one line; None otherwise."""
+    d = d or {}
+    if d.get("source") == "packaged":
+        return f"{task}: data from {d['package']} ({d['copy']})" + "".join(f"; {x}" for x in d.get("notes", []))
+    if d.get("source") == "hub cache":
+        return f"{task}: data loaded offline (the Hub's cache or the task's local files)"
+    return None
+
+
 def data_notes(records: list[dict]) -> list[str]:
-    """Where a task's data was not lm-eval's own from the Hub: one line per task (newest record)."""
-    seen = {}
-    for r in records:
-        d = r.get("data") or {}
-        if d.get("source") == "packaged":
-            seen[r["task"]] = (f"`{r['task']}`: data from {d['package']} ({d['copy']})"
-                               + "".join(f"; {x}" for x in d.get("notes", [])))
-        elif d.get("source") == "hub cache":
-            seen[r["task"]] = f"`{r['task']}`: data loaded offline (the Hub's cache or the task's local files)"
-    return list(seen.values())
+    """data_note of each task of the table (its newest record), the task's name as code."""
+    seen = {r["task"]: data_note(f"`{r['task']}`", r.get("data")) for r in records}
+    return [line for line in seen.values() if line]
 
 
 def model_table(evals: dict[int, dict]) -> dict[str, dict]:

@@ -324,10 +324,10 @@ def read_metrics(path: str) -> list[dict]:
 def read_eval_jsonl(path: str) -> list[dict]:
     """eval.jsonl records in file order (empty if the file does not exist); a bad line names the
     file and line."""
-    return _read_records(path, ("iteration", "spin", "models"), "`spin-jax evaluate`", "delete the line")
+    return read_records(path, ("iteration", "spin", "models"), "`spin-jax evaluate`", "delete the line")
 
 
-def _read_records(path: str, keys: Sequence[str], writer: str, fix: str, torn_last: bool = False) -> list[dict]:
+def read_records(path: str, keys: Sequence[str], writer: str, fix: str, torn_last: bool = False) -> list[dict]:
     """The JSON lines of an appended record file, each a dict with `keys`; a bad line is an error
     naming the file, the line and `fix`. torn_last: a malformed last line (a killed writer) is left out."""
     if not os.path.exists(path):
@@ -377,7 +377,7 @@ def append_jsonl(path: str, record: dict) -> None:
 def read_benchmarks(path: str) -> list[dict]:
     """benchmarks.jsonl's records in file order (empty if there is none). A torn last line (a
     killed run) is left out: its model and task are scored again."""
-    return _read_records(path, ("label", "task", "value"), "`spin-jax benchmark`",
+    return read_records(path, ("label", "task", "value"), "`spin-jax benchmark`",
                          "delete the line (its model and task are scored again)", torn_last=True)
 
 

@@ -29,7 +29,6 @@ study.md and the plots.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -88,7 +87,8 @@ def arm_config(cfg: Config, k: int) -> Config:
     """The config of the SFT arm's step k: SFT of S(k-1) (θ0 for k = 1) into
     runs/<run>/sft_arm/step<k>/sft/model, on the same conversations with the same SFT settings."""
     start = theta0_dir(cfg) if k == 1 else model_path(cfg, f"sft{k - 1}")
-    return dataclasses.replace(cfg, runs_dir=os.path.join(cfg.run_dir, "sft_arm"), run_name=f"step{k}",
+    step = arm_config_dir(cfg, k)
+    return dataclasses.replace(cfg, runs_dir=os.path.dirname(step), run_name=os.path.basename(step),
                                model=dataclasses.replace(cfg.model, name=start, init="base", revision=None))
 
 
@@ -102,6 +102,7 @@ def model_path(cfg: Config, label: str) -> str:
 
 
 def arm_config_dir(cfg: Config, k: int) -> str:
+    """The run directory of the SFT arm's step k (its model: <it>/sft/model)."""
     return os.path.join(cfg.run_dir, "sft_arm", f"step{k}")
 
 
@@ -214,8 +215,8 @@ def answer_and_score(cfg: Config, rows: list[dict], progress: bool = True) -> No
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The study's held-out rows or a model's answers; a bad line is an error naming it."""
+    return rundir.read_records(path, ("id",), "`spin-jax study`", "delete the file and rerun: it is written again")
 
 
 def _answers_path(cfg: Config, label: str, seed: int) -> str:
@@ -398,7 +399,6 @@ class ModelData:
     label: str
     real_logp: np.ndarray  # [N]
     real_n: np.ndarray  # [N]
-    answers: list[list[dict]]  # [seeds][N]
     margin: Optional[np.ndarray]  # [seeds, N] SPIN's reward margin against the arm's previous model
     labels: list[np.ndarray]  # [seeds][N] MAUVE cluster of each answer
     rouge: np.ndarray  # [seeds, N]
@@ -410,7 +410,7 @@ class ModelData:
 
 
 def metric_fns(human_labels: np.ndarray, k: int) -> dict[str, Callable]:
-    """name -> f(ModelData, idx) for every per-model metric (higher or lower is better: GOOD)."""
+    """name -> f(ModelData, idx) for every per-model metric."""
     def mauve(m, idx):
         return float(np.mean([mauve_from_labels(human_labels[idx], lab[idx], k) for lab in m.labels]))
 
@@ -429,10 +429,6 @@ def metric_fns(human_labels: np.ndarray, k: int) -> dict[str, Callable]:
         "distinct_2": lambda m, idx: float(np.mean([g.distinct(idx) for g in m.grams])),
         "rep_4": mean_over("rep4"),
     }
-
-
-GOOD = {"mauve": 1, "nll_per_token": -1, "margin": 1, "accuracy": 1, "rouge_l": 1, "chrf": 1, "length": 0,
-        "ends_turn": 1, "distinct_2": 1, "rep_4": -1}
 
 
 def bootstrap_indices(n: int, resamples: int, seed: int = 0) -> np.ndarray:
@@ -523,7 +519,7 @@ def load_models(cfg: Config, rows: list[dict], feats: dict[str, np.ndarray]) -> 
             gen = [beta * (np.asarray(s["ref"][x]) - np.asarray(r["own"][x])) for x in seeds]
             margin = np.stack([real - g for g in gen])
         models[label] = ModelData(
-            label=label, real_logp=np.asarray(s["real_logp"]), real_n=np.asarray(s["real_n"]), answers=answers,
+            label=label, real_logp=np.asarray(s["real_logp"]), real_n=np.asarray(s["real_n"]),
             margin=margin, labels=[qlabels[f"{label}.s{x}"] for x in seeds],
             rouge=np.asarray([[scorer.score(row["response"], a["text"])["rougeL"].fmeasure
                                for row, a in zip(rows, ans)] for ans in answers]),
@@ -558,29 +554,32 @@ def analyse(cfg: Config, rows: list[dict], feats: dict[str, np.ndarray], tasks: 
         per_model[lab]["mauve_text"] = {"value": float(np.mean([
             mauve_text(feats["human"], feats[f"{lab}.s{x}"], cfg.study.mauve_buckets) for x in cfg.study.seeds])),
             "ci": (math.nan, math.nan)}
-    diffs = {}
-    for lab in models:
-        for other in ("theta0", matched(lab)):
-            if other is None or other == lab or (lab.startswith("sft") and other != "theta0"):
-                continue
-            diffs[f"{lab} - {other}"] = {m: {"value": per_model[lab][m]["value"] - per_model[other][m]["value"],
-                                             "ci": interval(reps[lab][m] - reps[other][m])} for m in fns}
+    pairs = comparisons(list(models))
+    diffs = {f"{lab} - {other}": {m: {"value": per_model[lab][m]["value"] - per_model[other][m]["value"],
+                                      "ci": interval(reps[lab][m] - reps[other][m])} for m in fns}
+             for lab, other in pairs}
     task_table = {}
     for lab, rec in tasks.items():
         for task, r in rec.items():
             row = task_table.setdefault(task, {"metric": r["metric"], "models": {}, "mcnemar": {}})
             row["models"][lab] = {"value": r["value"], "stderr": r["stderr"]}
     for task, row in task_table.items():
-        for lab in models:
-            for other in ("theta0", matched(lab)):
-                if other and other != lab and not (lab.startswith("sft") and other != "theta0") and lab in tasks:
-                    row["mcnemar"][f"{lab} - {other}"] = mcnemar(tasks[lab][task]["outcomes"],
-                                                                  tasks[other][task]["outcomes"])
+        for lab, other in pairs:
+            if lab in tasks:
+                row["mcnemar"][f"{lab} - {other}"] = mcnemar(tasks[lab][task]["outcomes"],
+                                                              tasks[other][task]["outcomes"])
     result = {"models": per_model, "differences": diffs, "tasks": task_table, "updates": updates,
               "heldout": n, "seeds": list(cfg.study.seeds), "bootstrap": cfg.study.bootstrap, "mauve_buckets": k,
               "feature_model": cfg.study.feature_model}
     result["decision"] = decide(result, cfg.study.iterations)
     return result
+
+
+def comparisons(labs: Sequence[str]) -> list[tuple[str, str]]:
+    """(model, against) pairs the study reports: every model against θ0, and each SPIN iterate
+    against the SFT model with as many updates."""
+    return [(lab, other) for lab in labs for other in ("theta0", matched(lab))
+            if other is not None and other != lab and not (lab.startswith("sft") and other != "theta0")]
 
 
 def decide(result: dict, T: int) -> dict:

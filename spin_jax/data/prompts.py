@@ -56,7 +56,7 @@ def prompt_rows(data_cfg, split: str, limit: int, tokenizer, exclude_conversatio
         if len(tokenize.prompt_ids(tokenizer, row["prompt"])) > d.max_prompt_length:
             skipped += 1
             continue
-        if getattr(d, "complete_responses", False) and len(tokenize.response_ids(tokenizer, row["response"])) > budget:
+        if d.complete_responses and len(tokenize.response_ids(tokenizer, row["response"])) > budget:
             cut += 1
             continue
         out.append(row)
