@@ -255,30 +255,122 @@ def ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
+# The holder of a lock rewrites its record every LOCK_LEASE_S / 8 seconds; a record older than
+# LOCK_LEASE_S belongs to a dead holder (SPIN_JAX_LOCK_LEASE overrides, in seconds).
+LOCK_LEASE_S = 120.0
+_LOCK_RECORD_BYTES = 512  # the record is rewritten in place at a fixed size: a reader never sees it cut short
+
+
 @contextlib.contextmanager
 def locked(directory: str, what: str) -> Iterator[None]:
-    """Hold an advisory lock on `directory`/.lock for the block (the kernel releases it when the
-    process dies). A second holder fails at once with RunLocked, naming the first one's PID and
-    host."""
+    """Hold `directory`/.lock for the block: an advisory flock (the kernel releases it when the
+    process dies) plus a record (pid, host, command, heartbeat) the holder rewrites every
+    lease/8 seconds. A second holder fails at once with RunLocked, naming the first one's PID and
+    host. A lock whose holder is gone is taken over with a log line: on this host when its
+    process no longer exists, and on any host when its heartbeat is older than the lease
+    (SPIN_JAX_LOCK_LEASE seconds, default 120); that is the case of a preempted host whose flock
+    the shared file system (NFS) still holds. A live holder's lock is never taken."""
+    import logging
+    import threading
+
+    lease = float(os.environ.get("SPIN_JAX_LOCK_LEASE") or LOCK_LEASE_S)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, ".lock")
-    f = open(path, "a+")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        flocked = True
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunLocked(f"{directory} is in use by {holder}; wait for it to finish or stop it, then rerun "
-                        "(two runs on one iteration would interleave their metrics and checkpoints)") from None
+        flocked = False
+    holder = _lock_record(fd)
+    live = _live_holder(holder, lease, flocked)
+    if live:
+        os.close(fd)
+        raise RunLocked(f"{directory} is in use by {live}; wait for it to finish or stop it, then rerun "
+                        "(two runs on one iteration would interleave their metrics and checkpoints)")
+    if holder and not _same_holder(holder):
+        reason = ("its process is gone" if holder.get("host") == socket.gethostname() and flocked else
+                  f"no heartbeat for {time.time() - float(holder.get('heartbeat', 0)):.0f} s")
+        logging.getLogger("spin_jax").info("%s: taking over the lock of %s: %s", directory, _describe(holder), reason)
+    record = dict(pid=os.getpid(), host=socket.gethostname(), what=what,
+                  since=time.strftime("%Y-%m-%d %H:%M:%S"), token=os.urandom(8).hex())
+    stop = threading.Event()
+
+    def beat() -> None:
+        record["heartbeat"] = time.time()
+        data = json.dumps(record).encode()
+        os.pwrite(fd, data + b" " * max(0, _LOCK_RECORD_BYTES - len(data)), 0)
+
+    def beating() -> None:
+        while not stop.wait(lease / 8):
+            try:
+                beat()
+            except OSError:  # a full disk or a vanished share: the lock stays; the run reports its own errors
+                pass
+
+    beat()
+    os.ftruncate(fd, _LOCK_RECORD_BYTES)
+    thread = threading.Thread(target=beating, name="lock-heartbeat", daemon=True)
+    thread.start()
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
-        f.flush()
         yield
     finally:
-        f.close()  # releases the lock
+        stop.set()
+        thread.join()
+        try:
+            os.ftruncate(fd, 0)  # no holder: a reader finds no record
+        except OSError:
+            pass
+        os.close(fd)  # releases the flock
+
+
+def _lock_record(fd: int) -> Optional[dict]:
+    """The holder's record in a lock file, or None; an unreadable one is {} (a live holder of
+    an earlier format, or one caught mid-write)."""
+    raw = os.pread(fd, 4 * _LOCK_RECORD_BYTES, 0).strip()
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {"text": raw.decode(errors="replace")}
+    return record if isinstance(record, dict) else {"text": str(record)}
+
+
+def _live_holder(holder: Optional[dict], lease: float, flocked: bool) -> Optional[str]:
+    """A description of the lock's live holder, or None when the lock is free or its holder dead."""
+    if holder is None:
+        return None if flocked else "another process"
+    if "heartbeat" not in holder:  # no heartbeat to judge by: only the flock tells
+        return None if flocked else holder.get("text") or "another process"
+    fresh = time.time() - float(holder["heartbeat"]) < lease
+    if holder.get("host") == socket.gethostname():
+        alive = _pid_alive(int(holder.get("pid", 0)))
+        return _describe(holder) if alive and fresh else None
+    return _describe(holder) if fresh else None
+
+
+def _same_holder(holder: dict) -> bool:
+    return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    if "pid" not in holder:
+        return holder.get("text") or "another process"
+    h = {k: holder.get(k, "?") for k in ("pid", "host", "what", "since")}
+    return f"pid {h['pid']} on {h['host']} ({h['what']}, since {h['since']})"
 
 
 # ----------------------------------------------------------------------------------------------
