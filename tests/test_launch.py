@@ -77,26 +77,33 @@ def test_install_clones_and_builds_the_venv_with_jax_tpu_on_every_worker(tmp_pat
     assert call[-4:] == ["--zone", "us-central2-b", "--project", "my-proj"]
 
 
-def test_run_makes_train_on_all_workers_with_overrides(tmp_path, fake_bin):
+def test_run_trains_on_all_workers_with_overrides_and_a_shared_compile_cache(tmp_path, fake_bin):
     _, calls = ok(["run", *SETTINGS, "--iter", "2", "--config", "configs/zephyr_ultrachat_tpu.yaml",
                    "--set", "mesh.fsdp=-1", "--set", "runs_dir=/mnt/shared/runs"], tmp_path, fake_bin)
     (call,) = calls
     assert "--worker=all" in call
+    # the venv, then spin-jax itself (make would turn its exit 42, stopped by SIGTERM, into 2), with
+    # the compile cache on the shared runs directory
     assert call[call.index("--command") + 1] == (
-        'cd spin_jax && make train ITER=2 CONFIG=configs/zephyr_ultrachat_tpu.yaml ARGS="--set '
-        'distributed.coordinator_address=auto --set mesh.fsdp=-1 --set runs_dir=/mnt/shared/runs"')
+        "cd spin_jax && make -s venv && SPIN_JAX_COMPILE_CACHE=/mnt/shared/runs/.xla_cache .venv/bin/python -m "
+        "spin_jax train --config configs/zephyr_ultrachat_tpu.yaml --iter 2 --set distributed.coordinator_address=auto "
+        "--set mesh.fsdp=-1 --set runs_dir=/mnt/shared/runs")
+    _, calls = ok(["run", *SETTINGS, "--compile-cache", "off"], tmp_path, fake_bin)
+    assert "SPIN_JAX_COMPILE_CACHE" not in calls[-1][calls[-1].index("--command") + 1]
 
 
 def test_run_spin_and_a_bad_override(tmp_path, fake_bin):
     _, calls = ok(["run", *SETTINGS, "--target", "spin", "--iters", "3"], tmp_path, fake_bin)
-    assert "make spin ITERS=3 " in calls[0][calls[0].index("--command") + 1]
+    assert " -m spin_jax spin --config configs/cpu_default.yaml --iters 3 " in calls[0][calls[0].index("--command") + 1]
     p, calls = launch(["run", *SETTINGS, "--set", "a=$(rm -rf ~)"], tmp_path, [fake_bin])
     assert p.returncode == 2 and "--set" in p.stderr and "KEY=VALUE" in p.stderr and len(calls) == 1
 
 
 def test_run_benchmark_passes_its_tasks_and_refuses_them_elsewhere(tmp_path, fake_bin):
     _, calls = ok(["run", *SETTINGS, "--target", "benchmark", "--iter", "1", "--tasks", "open_llm"], tmp_path, fake_bin)
-    assert "make benchmark ITER=1 TASKS=open_llm ARGS=" in calls[0][calls[0].index("--command") + 1]
+    command = calls[0][calls[0].index("--command") + 1]
+    assert "make -s venv-eval && " in command and " benchmark --config configs/cpu_default.yaml --iter 1 " \
+        "--tasks open_llm " in command
     p, calls = launch(["run", *SETTINGS, "--tasks", "open_llm"], tmp_path, [fake_bin])
     assert p.returncode == 2 and "--target benchmark" in p.stderr
 
@@ -130,7 +137,8 @@ def test_dry_run_prints_the_commands_and_needs_no_gcloud(tmp_path, fake_bin):
     p, calls = launch(["run", *SETTINGS, "--iter", "1", "--dry-run"], tmp_path, [fake_bin])
     assert p.returncode == 0 and calls == []  # gcloud is there but is not called
     assert p.stdout.startswith("gcloud compute tpus tpu-vm ssh spin-v4 --worker=all --command 'cd spin_jax && "
-                               "make train ITER=1 ")
+                               "make -s venv && SPIN_JAX_COMPILE_CACHE=runs/.xla_cache .venv/bin/python -m spin_jax "
+                               "train --config configs/cpu_default.yaml --iter 1 ")
 
 
 def test_missing_gcloud_is_a_clear_error(tmp_path):
