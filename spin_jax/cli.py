@@ -7,11 +7,12 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 
 from spin_jax import logs, rundir
 from spin_jax.config import HUB_REPO_ID, ConfigError
-from spin_jax.errors import Preempted, SpinError, UsageError
+from spin_jax.errors import EXIT_PREEMPTED, Preempted, SpinError, Terminated, UsageError
 
 
 def main(argv=None) -> None:
@@ -24,18 +25,24 @@ def main(argv=None) -> None:
     debug = args.debug or bool(os.environ.get("SPIN_JAX_TRACEBACK"))
     if args.command == "plan":  # compiles for a TPU topology on this machine's CPU
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    elif args.command != "report" and getattr(args, "mt_command", None) not in ("judge", "show"):  # files only: no JAX
-        enable_compile_cache()
+    if args.command != "report":
+        signal.signal(signal.SIGTERM, _terminated)  # training replaces it with its own while it runs
     try:
+        if args.command not in ("plan", "report") and getattr(args, "mt_command", None) not in ("judge", "show"):
+            enable_compile_cache()  # files only: no JAX
         args.func(args)
-    except Preempted as e:  # training saved a checkpoint on SIGTERM: a clean stop
+    except (Preempted, Terminated) as e:  # SIGTERM: stopped with finished work saved; the same command resumes
         logging.getLogger("spin_jax").info(str(e))
-        sys.exit(0)
+        sys.exit(EXIT_PREEMPTED)
     except USER_ERRORS as e:  # the message says what was wrong and what to do; --debug: the traceback
         if debug:
             raise
         print(f"spin-jax {args.command}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(2 if isinstance(e, (ConfigError, UsageError)) else 1)
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 # Errors of the user's input, files or machine (exit 2: usage, nothing ran; exit 1: failed work).
@@ -82,16 +89,27 @@ def enable_compile_cache() -> None:
     Directory: $JAX_COMPILATION_CACHE_DIR if set, else $SPIN_JAX_COMPILE_CACHE, else
     ~/.cache/spin_jax/xla ($XDG_CACHE_HOME is honoured); SPIN_JAX_COMPILE_CACHE=off turns it off.
     Every program is stored, however short its compile (a command's start-up is many small ones),
-    and the least recently used go past 4 GiB; JAX's own variables for either setting win."""
+    and the least recently used go past 4 GiB; JAX's own variables for either setting win. A
+    bucket (gs://...) needs etils[epath] and gcsfs and keeps everything (JAX's eviction locks a
+    local file). JAX writes from process 0 only, and its key covers the program, the devices'
+    topology, jaxlib and the XLA flags: on a pod, a directory every host sees serves them all."""
     import jax
 
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("SPIN_JAX_COMPILE_CACHE", "")
+    remote = "://" in path and not path.startswith("file://")
+    if remote:
+        try:
+            import etils.epath  # noqa: F401
+            import gcsfs  # noqa: F401
+        except ImportError:
+            raise UsageError(f"compile cache {path}: a bucket needs the etils[epath] and gcsfs packages "
+                             "(.venv/bin/pip install 'etils[epath]' gcsfs), or use a shared directory") from None
     if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if not os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE"):
-        jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+        jax.config.update("jax_compilation_cache_max_size", -1 if remote else 4 << 30)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # JAX reads it itself
-    path = os.environ.get("SPIN_JAX_COMPILE_CACHE", "")
     if path.lower() in ("off", "0", "false", "none"):
         return
     if not path:

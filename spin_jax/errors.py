@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# `spin-jax` exits with this after SIGTERM once training saved a checkpoint: stopped, resumable by
+# rerunning the same command (xpk restarts a job on it by default; 0 stays "finished").
+EXIT_PREEMPTED = 42
+
 
 class Preempted(Exception):
     """SIGTERM reached training; a checkpoint was saved and rerunning the same command resumes."""
@@ -9,6 +13,14 @@ class Preempted(Exception):
     def __init__(self, step: int, directory: str):
         super().__init__(f"SIGTERM: checkpoint {step} saved to {directory}; rerun the same command to resume")
         self.step, self.directory = step, directory
+
+
+class Terminated(Exception):
+    """SIGTERM reached a command outside training: what was finished is on disk (sampling chunks,
+    answers and scores are written whole), and rerunning the same command resumes."""
+
+    def __init__(self):
+        super().__init__("SIGTERM: stopped; finished work is kept, rerun the same command to resume")
 
 
 class UsageError(ValueError):

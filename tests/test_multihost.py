@@ -57,8 +57,9 @@ def start_cli(args, devices, write_log, extra_env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_all(procs):
-    """Outputs of all processes; if one fails or hangs, the others are stopped and all shown."""
+def wait_all(procs, code=0):
+    """Outputs of all processes; if one exits with another code than `code` or hangs, the others are
+    stopped and all shown."""
     outs = []
     try:
         for p in procs:
@@ -68,7 +69,7 @@ def wait_all(procs):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    if any(p.returncode for p in procs):
+    if any(p.returncode != code for p in procs):
         pytest.fail("\n".join(f"--- process {i} (exit {p.returncode}) ---\n{o}"
                               for i, (p, o) in enumerate(zip(procs, outs))))
     return outs
@@ -158,7 +159,7 @@ def test_two_processes_of_4_devices_train_like_one_process_of_8(tiny_model_dir, 
 
 def test_sigterm_to_one_host_checkpoints_and_stops_both(tiny_model_dir, tmp_path):
     """Spot/preemptible pods: a SIGTERM that reaches only host 1 still makes both hosts save the
-    same checkpoint step and exit 0 (the flag is agreed across processes every update)."""
+    same checkpoint step and exit 42, stopped and resumable (the flag is agreed across processes every update)."""
     import signal
     import time
 
@@ -178,7 +179,7 @@ def test_sigterm_to_one_host_checkpoints_and_stops_both(tiny_model_dir, tmp_path
         time.sleep(0.1)
     assert all(p.poll() is None for p in procs), "a process ended before training started"
     procs[1].send_signal(signal.SIGTERM)
-    outs = wait_all(procs)  # both exit 0
+    outs = wait_all(procs, code=42)
     assert "SIGTERM: checkpoint" in outs[0]
     steps = [int(s) for s in os.listdir(os.path.join(runs, "r", "iter0", "checkpoints")) if s.isdigit()]
     assert steps and max(steps) < 1000  # stopped early, with a checkpoint

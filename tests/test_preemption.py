@@ -1,6 +1,8 @@
-"""rundir.locked, the lock an iteration's directory is held by: a live holder's lock is never
-taken, and a dead holder's is taken over with a log line, including a holder on another host
-whose flock the shared file system still holds (a preempted TPU host on NFS)."""
+"""What a preempted host leaves behind. rundir.locked, the lock an iteration's directory is held
+by: a live holder's lock is never taken, and a dead holder's is taken over with a log line,
+including a holder on another host whose flock the shared file system still holds (a preempted
+TPU host on NFS). SIGTERM outside training: exit 42, the lock released. (Training's SIGTERM:
+tests/test_driver.py.)"""
 
 import os
 import signal
@@ -99,3 +101,30 @@ def test_a_dead_hosts_lock_is_taken_over_after_its_lease_and_never_before(tmp_pa
                 assert third.returncode != 0 and f"in use by pid {os.getpid()}" in third.stderr, third.stderr
     finally:
         os.killpg(p.pid, signal.SIGKILL)
+
+
+STOPPED = """
+import os, signal, sys, time
+from spin_jax import cli, iterate, rundir
+
+directory = sys.argv[1]
+
+def generate(cfg, t, progress=True):  # sampling, stood in for: holds the lock when SIGTERM comes
+    with rundir.locked(directory, "spin-jax generate --iter 0"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+
+iterate.generate = generate
+cli._load_config = lambda args: None
+sys.argv = ["spin-jax", "generate", "--config", "configs/tiny_test.yaml", "--iter", "0"]
+cli.main()
+"""
+
+
+def test_sigterm_outside_training_exits_42_and_releases_the_lock(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", SPIN_JAX_COMPILE_CACHE="off")
+    p = subprocess.run([sys.executable, "-c", STOPPED, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 42, p.stderr
+    assert "SIGTERM: stopped; finished work is kept, rerun the same command to resume" in p.stderr
+    assert "Traceback" not in p.stderr and open(tmp_path / ".lock").read() == ""
