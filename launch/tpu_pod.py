@@ -348,16 +348,20 @@ def confirm_delete(args) -> None:
         raise LaunchError("not confirmed; nothing deleted")
 
 
+def require(tool: str) -> None:
+    if shutil.which(tool) is None:
+        raise LaunchError(f"{tool} not found on PATH: install the Google Cloud SDK "
+                          "(https://cloud.google.com/sdk/docs/install) and run `gcloud auth login`, "
+                          "or use --dry-run to only print the commands")
+
+
 def execute(commands: list[list[str]], dry_run: bool) -> int:
     if dry_run:
         for cmd in commands:
             print(shlex.join(cmd))
         return 0
     for tool in sorted({cmd[0] for cmd in commands} & {"gcloud", "gsutil"}):
-        if shutil.which(tool) is None:
-            raise LaunchError(f"{tool} not found on PATH: install the Google Cloud SDK "
-                              "(https://cloud.google.com/sdk/docs/install) and run `gcloud auth login`, "
-                              "or use --dry-run to only print the commands")
+        require(tool)
     for cmd in commands:
         print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
         rc = subprocess.run(cmd).returncode  # output streams straight through
@@ -400,10 +404,7 @@ def supervise(args) -> int:
     run = run_script(args)  # checks --set and --tasks before anything runs
     if args.dry_run:
         return supervise_dry_run(args, run)
-    if shutil.which("gcloud") is None:
-        raise LaunchError("gcloud not found on PATH: install the Google Cloud SDK "
-                          "(https://cloud.google.com/sdk/docs/install) and run `gcloud auth login`, "
-                          "or use --dry-run to only print the commands")
+    require("gcloud")
     args.ref = resolve_commit(args.repo, args.ref)
     with supervisor_lock(args):
         sup = Supervisor(args, run)
