@@ -20,11 +20,13 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
@@ -270,9 +272,6 @@ def locked(directory: str, what: str) -> Iterator[None]:
     process no longer exists, and on any host when its heartbeat is older than the lease
     (SPIN_JAX_LOCK_LEASE seconds, default 120); that is the case of a preempted host whose flock
     the shared file system (NFS) still holds. A live holder's lock is never taken."""
-    import logging
-    import threading
-
     lease = float(os.environ.get("SPIN_JAX_LOCK_LEASE") or LOCK_LEASE_S)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, ".lock")
