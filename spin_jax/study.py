@@ -21,7 +21,8 @@ training split), and the study measures on them:
 
 Uncertainty: a paired bootstrap over held-out prompts (study.bootstrap resamples) gives a 95%
 interval for each model's metric and for each difference against θ0 and against the matched other
-arm. Each step writes its files and is skipped when they exist: a killed study resumes.
+arm; distinct-2, a statistic of the whole set of answers, takes a delete-one jackknife instead
+(value ± 1.96 standard errors). Each step writes its files and is skipped when they exist: a killed study resumes.
 Outputs under runs/<run>/study/: heldout.jsonl, answers/, scores/, features/, tasks/, results.json,
 study.md and the plots.
 """
@@ -33,6 +34,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import time
 from typing import Callable, Optional, Sequence
 
@@ -346,6 +348,18 @@ class GramIds:
         total = sum(len(p) for p in parts)
         return len(np.unique(np.concatenate(parts))) / total if total else 0.0
 
+    def leave_one_out(self) -> np.ndarray:
+        """distinct-2 of the corpus without text i, for every i (the jackknife's replicates): a
+        bigram leaves the distinct count when every occurrence of it is in text i."""
+        lengths = np.array([len(x) for x in self.ids], np.int64)
+        if not lengths.sum():
+            return np.zeros(len(self.ids))
+        counts = np.bincount(np.concatenate(self.ids))
+        only_here = np.array([int(np.sum(c == counts[u])) for x in self.ids
+                              for u, c in [np.unique(x, return_counts=True)]], np.int64)
+        total = lengths.sum() - lengths
+        return np.where(total > 0, (len(np.flatnonzero(counts)) - only_here) / np.maximum(total, 1), 0.0)
+
 
 def quantize(feats: dict[str, np.ndarray], buckets: int = 0, seed: int = MAUVE_SEED) -> tuple[dict, int]:
     """One quantization of every feature set, as mauve-text's cluster_feats quantizes a pair (l2
@@ -429,6 +443,24 @@ def metric_fns(human_labels: np.ndarray, k: int) -> dict[str, Callable]:
         "distinct_2": lambda m, idx: float(np.mean([g.distinct(idx) for g in m.grams])),
         "rep_4": mean_over("rep4"),
     }
+
+
+def jackknife_fns() -> dict[str, Callable]:
+    """name -> f(ModelData): per held-out prompt, the metric without that prompt, for the metrics of
+    the whole set of answers whose bootstrap is biased: a resample repeats answers and with them
+    their bigrams, so distinct-2's replicates lie below its value."""
+    return {"distinct_2": lambda m: np.mean([g.leave_one_out() for g in m.grams], axis=0)}
+
+
+def jackknife_interval(value: float, loo: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """value ± z·se, se the jackknife's standard error from the leave-one-out replicates."""
+    loo = np.asarray(loo, np.float64)
+    n = len(loo)
+    if n < 2:
+        return (math.nan, math.nan)
+    se = math.sqrt((n - 1) / n * float(np.sum((loo - loo.mean()) ** 2)))
+    z = statistics.NormalDist().inv_cdf(1 - (1 - level) / 2)
+    return value - z * se, value + z * se
 
 
 def bootstrap_indices(n: int, resamples: int, seed: int = 0) -> np.ndarray:
@@ -539,25 +571,32 @@ def analyse(cfg: Config, rows: list[dict], feats: dict[str, np.ndarray], tasks: 
     from tqdm import tqdm
 
     models, human, k = load_models(cfg, rows, feats)
-    fns = metric_fns(human, k)
+    fns, jack = metric_fns(human, k), jackknife_fns()
     n = len(rows)
     full = np.arange(n)
     idxs = bootstrap_indices(n, cfg.study.bootstrap, seed=cfg.data.seed)
-    reps = {lab: {m: np.empty(len(idxs)) for m in fns} for lab in models}
+    reps = {lab: {m: np.empty(len(idxs)) for m in fns if m not in jack} for lab in models}
     for b, idx in enumerate(tqdm(idxs, desc="bootstrap", unit="resample", disable=not progress)):
         for lab, md in models.items():
-            for m, fn in fns.items():
-                reps[lab][m][b] = fn(md, idx)
-    per_model = {lab: {m: {"value": fn(md, full), "ci": interval(reps[lab][m])} for m, fn in fns.items()}
-                 for lab, md in models.items()}
+            for m in reps[lab]:
+                reps[lab][m][b] = fns[m](md, idx)
+    loo = {lab: {m: fn(md) for m, fn in jack.items()} for lab, md in models.items()}
+    per_model = {lab: {m: {"value": fn(md, full)} for m, fn in fns.items()} for lab, md in models.items()}
+    for lab in models:
+        for m, rec in per_model[lab].items():
+            rec["ci"] = jackknife_interval(rec["value"], loo[lab][m]) if m in jack else interval(reps[lab][m])
     for lab, md in models.items():  # mauve-text's own compute_mauve, per model against the human responses
         per_model[lab]["mauve_text"] = {"value": float(np.mean([
             mauve_text(feats["human"], feats[f"{lab}.s{x}"], cfg.study.mauve_buckets) for x in cfg.study.seeds])),
             "ci": (math.nan, math.nan)}
     pairs = comparisons(list(models))
-    diffs = {f"{lab} - {other}": {m: {"value": per_model[lab][m]["value"] - per_model[other][m]["value"],
-                                      "ci": interval(reps[lab][m] - reps[other][m])} for m in fns}
-             for lab, other in pairs}
+    diffs = {}
+    for lab, other in pairs:
+        diffs[f"{lab} - {other}"] = d = {}
+        for m in fns:
+            value = per_model[lab][m]["value"] - per_model[other][m]["value"]
+            d[m] = {"value": value, "ci": jackknife_interval(value, loo[lab][m] - loo[other][m]) if m in jack
+                    else interval(reps[lab][m] - reps[other][m])}
     task_table = {}
     for lab, rec in tasks.items():
         for task, r in rec.items():
@@ -644,8 +683,9 @@ def markdown(cfg: Config, result: dict, wall: dict) -> str:
                "ends_turn", "distinct_2", "rep_4"]
     out = [f"# Study: SPIN against SFT — `{cfg.run_name}`", "",
            f"Pre-registered in docs/study.md. {result['heldout']} held-out prompts, sampling seeds "
-           f"{result['seeds']}, {result['bootstrap']} paired bootstrap resamples over prompts; MAUVE on "
-           f"{result['feature_model']} features, {result['mauve_buckets']} clusters. Brackets: 95% intervals.", "",
+           f"{result['seeds']}, {result['bootstrap']} paired bootstrap resamples over prompts (distinct-2: a "
+           f"jackknife); MAUVE on {result['feature_model']} features, {result['mauve_buckets']} clusters. "
+           "Brackets: 95% intervals.", "",
            "## Decision", "",
            f"**{dec['verdict']}**: MAUVE θ{T} − θ0 = {_fmt(*_vc(dec['mauve_vs_theta0']))}"
            f"; θ{T} − S{T} = {_fmt(*_vc(dec['mauve_vs_sft']))}"
