@@ -7,8 +7,8 @@ workers and every CLI run they start, summed), the test count, and pytest's slow
     python bench/bench_tests.py --ref c1e203d      # another commit, in the same way
     python bench/bench_tests.py --runs warm        # only the warm run (after a cold one in --work)
 
-The compilation cache of the run lives in --work (SPIN_JAX_COMPILE_CACHE), so ~/.cache is neither
-read nor changed; the pip cache is (the venv installs from it).
+The compilation caches of the run live in --work (SPIN_JAX_COMPILE_CACHE, SPIN_JAX_PLAN_CACHE), so
+~/.cache is neither read nor changed; the pip cache is (the venv installs from it).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     if not os.path.isdir(clone):
         subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
         subprocess.run(["git", "checkout", "-q", ref], cwd=clone, check=True)
-    env = dict(os.environ, SPIN_JAX_COMPILE_CACHE=cache)
+    env = dict(os.environ, SPIN_JAX_COMPILE_CACHE=cache, SPIN_JAX_PLAN_CACHE=os.path.join(work, "plan"))
     print(f"# make test at {ref}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"clone and cache in {work}", flush=True)
     for run in args.runs.split(","):

@@ -48,8 +48,8 @@ def main():
         decode, _ = plan.sample_program(c, m, local).parts[1]
         figures = {}
         for layers in (2, 3):
-            compiled = decode(layers, True).compile()
-            figures[layers] = (plan._cost(compiled)[1], compiled.memory_analysis().argument_size_in_bytes)
+            compiled = plan.compile_program(decode(layers, True), list(local.devices.flat))
+            figures[layers] = (compiled.bytes_accessed, compiled.argument_bytes)
         per_layer[p + new] = tuple(figures[3][i] - figures[2][i] for i in (0, 1))
     print(f"decode step, {a.topology} one host {dict(local.shape)}, batch {cfg.sampling.batch_size}, "
           f"{m.dtype} compute over {m.param_dtype} weights; per layer and chip (MB):")

@@ -28,14 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
+import hashlib
+import importlib.metadata
+import json
 import logging
+import os
 import time
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from spin_jax import collectives, scoring, sharding, train
+from spin_jax import collectives, rundir, scoring, sharding, train
 from spin_jax.config import Config
 from spin_jax.data import tokenize
 from spin_jax.errors import SpinError, UsageError
@@ -152,6 +157,89 @@ class ProgramPlan:
         return self.tokens / (self.decode_steps * self.argument_bytes / self.chip.hbm_bytes_per_s)
 
 
+@dataclasses.dataclass
+class Compiled:
+    """What a plan reads from one XLA:TPU compile: the optimized HLO, the memory figures, the cost
+    analysis, and how long the compile took."""
+    text: str
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    flops: float
+    bytes_accessed: float
+    seconds: float
+    cached: bool = False
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def plan_cache_dir() -> Optional[str]:
+    """$SPIN_JAX_PLAN_CACHE (off: none), else ~/.cache/spin_jax/plan."""
+    path = os.environ.get("SPIN_JAX_PLAN_CACHE", "")
+    if path.lower() in ("off", "0", "false", "none"):
+        return None
+    return path or rundir.cache_home("plan")
+
+
+def _compile_key(lowered, devices, compiler_options) -> str:
+    """The program as lowered (StableHLO with its shardings and donations), the devices it is laid
+    out on (kind, id, coordinates), the compiler options and flags, and jax, jaxlib and libtpu's
+    versions: what JAX's own cache key covers."""
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    h = hashlib.sha256()
+    for part in (lowered.as_text(), json.dumps(compiler_options or {}, sort_keys=True, default=str),
+                 *(f"{d.platform} {d.device_kind} {d.id} {getattr(d, 'coords', '')} {getattr(d, 'core_on_chip', '')}"
+                   for d in devices),
+                 *(version(x) for x in ("jax", "jaxlib", "libtpu", "libtpu-nightly")),
+                 os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", "")):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def compile_program(lowered, devices, compiler_options=None) -> Compiled:
+    """lowered.compile(), or what an earlier compile of the same program stored in the plan cache.
+    JAX's persistent compilation cache cannot serve a compile-only TPU client (it cannot load an
+    executable without a TPU), and a plan needs only the compiler's text and figures, so those are
+    stored, gzipped JSON per program. Raises what the compile raises (a program too big for the
+    chip is never stored)."""
+    root = plan_cache_dir()
+    path = os.path.join(root, _compile_key(lowered, devices, compiler_options) + ".json.gz") if root else None
+    if path and os.path.exists(path):
+        try:
+            with gzip.open(path, "rt") as f:
+                return Compiled(**json.load(f), cached=True)
+        except (OSError, ValueError, TypeError, EOFError):
+            log.info(f"plan cache entry {path} unreadable: compiling again")
+    t0 = time.perf_counter()
+    compiled = lowered.compile(compiler_options=compiler_options)
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    out = Compiled(compiled.as_text(), mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                   mem.temp_size_in_bytes, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                   seconds)
+    if path:
+        try:
+            os.makedirs(root, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with gzip.open(tmp, "wt") as f:
+                json.dump({k: v for k, v in dataclasses.asdict(out).items() if k != "cached"}, f)
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only or full cache folder costs a compile next time, nothing else
+            log.info(f"plan cache {root} not written ({e})")
+    return out
+
+
 def topology(name: str):
     """(chip kind, Chip, list of TPU device descriptions) of a friendly slice name."""
     name = ALIASES.get(name, name)
@@ -195,8 +283,9 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
         build, program_mesh = builders[name]
         t0 = time.perf_counter()
         program = build(cfg, m, program_mesh)
+        pdevices = list(program_mesh.devices.flat)
         try:
-            compiled = program.lower().compile()
+            compiled = compile_program(program.lower(), pdevices)
         except Exception as e:  # XLA:TPU refuses a program whose temporaries exceed the chip's HBM
             needed = _out_of_memory_bytes(str(e))
             if needed is None:
@@ -205,20 +294,19 @@ def plan(cfg: Config, model_cfg: ModelConfig, slice_name: str, layers: Optional[
                                    float("nan"), float("nan"), program.model_flops / program_mesh.size, chip))
             log.info(f"{name} does not fit a {kind} chip: the compiler needs {needed / 1e9:.1f} GB of temporaries")
             continue
-        seconds = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        flops, hbm = (corrected_cost(program, m.num_layers, COST_COMPILER_OPTIONS) if costs
+        flops, hbm = (corrected_cost(program, m.num_layers, COST_COMPILER_OPTIONS, pdevices) if costs
                       else (float("nan"), float("nan")))
         # what the program that runs moves between chips, every loop body times its trips
-        found = collectives.collectives(compiled.as_text(), unknown_trips=program.unknown_trips)
+        found = collectives.collectives(compiled.text, unknown_trips=program.unknown_trips)
         big = collectives.largest(found)
-        out.append(ProgramPlan(name, program.mesh or dict(program_mesh.shape), mem.argument_size_in_bytes,
-                               mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes, seconds,
+        out.append(ProgramPlan(name, program.mesh or dict(program_mesh.shape), compiled.argument_bytes,
+                               compiled.output_bytes, compiled.alias_bytes, compiled.temp_bytes, compiled.seconds,
                                flops, hbm,
                                program.model_flops / program_mesh.size, chip, collectives.totals(found),
                                sum(collectives.totals(found, link=True).values()),
                                collectives.describe(big) if big else "-", program.tokens, program.decode_steps))
-        log.info(f"compiled {name} for {slice_name} in {seconds:.0f}s")
+        log.info(f"{'loaded' if compiled.cached else 'compiled'} {name} for {slice_name} "
+                 f"({'from the plan cache, compiled' if compiled.cached else 'in'} {compiled.seconds:.0f}s)")
     return out
 
 
@@ -276,7 +364,8 @@ COST_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                          "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
-def corrected_cost(program: Program, num_layers: int, compiler_options=None) -> tuple[float, float]:
+def corrected_cost(program: Program, num_layers: int, compiler_options=None,
+                   devices=None) -> tuple[float, float]:
     """(FLOPs, HBM bytes) per chip of one call at `num_layers` layers, each loop body counted as
     often as it runs. Each part is compiled at 2 and 3 layers with its layer and vocab-chunk loops
     unrolled (ModelConfig.unroll_loops), cost(L) = cost(2) + (L - 2) (cost(3) - cost(2)), times
@@ -284,7 +373,7 @@ def corrected_cost(program: Program, num_layers: int, compiler_options=None) -> 
     differently from deeper ones, so it is not used.)"""
     flops = hbm = 0.0
     for lower_at, trips in program.parts:
-        c2, c3 = (_cost(lower_at(n, unroll=True).compile(compiler_options=compiler_options)) for n in (2, 3))
+        c2, c3 = (_cost(lower_at(n, unroll=True), compiler_options, devices) for n in (2, 3))
         flops += trips * (c2[0] + (num_layers - 2) * (c3[0] - c2[0]))
         hbm += trips * (c2[1] + (num_layers - 2) * max(c3[1] - c2[1], 0.0))
     return flops, hbm
@@ -303,8 +392,13 @@ def matmul_params(m: ModelConfig) -> tuple[int, int]:
     return m.num_params() - embed - (0 if m.tie_embeddings else head) - m.hidden_size, head
 
 
-def _cost(compiled) -> tuple[float, float]:
-    c = compiled.cost_analysis()
+def _cost(lowered, compiler_options=None, devices=None) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of a lowered program from XLA's cost analysis; through the plan
+    cache where the devices are given."""
+    if devices is not None:
+        c = compile_program(lowered, devices, compiler_options)
+        return c.flops, c.bytes_accessed
+    c = lowered.compile(compiler_options=compiler_options).cost_analysis()
     c = c[0] if isinstance(c, (list, tuple)) else c
     return float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
 

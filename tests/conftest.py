@@ -10,6 +10,14 @@ from spin_jax import rundir  # no JAX: the environment below is set before jax i
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def requirements_digest() -> str:
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(ROOT, "requirements*.txt"))):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
 def session_compile_cache() -> str:
     """The persistent compilation cache of every test session on this machine: in-process tests and
     every CLI run they start read and write it (enable_compile_cache: every program, LRU past 4 GiB,
@@ -17,17 +25,15 @@ def session_compile_cache() -> str:
     rerun loads it.
     Its folder is keyed by the requirement files (jax, jaxlib and XLA's flags are in each entry's
     key). SPIN_JAX_COMPILE_CACHE set before pytest wins (off: no cache)."""
-    digest = hashlib.sha1()
-    for path in sorted(glob.glob(os.path.join(ROOT, "requirements*.txt"))):
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    return rundir.cache_home(f"xla-tests-{digest.hexdigest()[:12]}")
+    return rundir.cache_home(f"xla-tests-{requirements_digest()}")
 
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPIN_JAX_COMPILE_CACHE", session_compile_cache())
+# `spin-jax plan`'s XLA:TPU compiles (spin_jax.plan.compile_program), beside it and keyed the same way
+os.environ.setdefault("SPIN_JAX_PLAN_CACHE", rundir.cache_home(f"plan-tests-{requirements_digest()}"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -38,6 +44,31 @@ jax.config.update("jax_default_matmul_precision", "highest")
 enable_compile_cache()
 
 pytest_plugins = ["tests.fake_hub"]  # the `fake_hub` fixture: a Hub stand-in on 127.0.0.1
+
+FILE_SECONDS = "spin_jax/file_seconds"  # pytest's cache (.pytest_cache): each test file's seconds last time
+_file_seconds: dict = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files slowest first, by their time in the sessions before (new files first of all):
+    xdist's loadfile hands files to its workers in this order, so the long ones start at once and
+    short ones fill the end, instead of a long file starting last while the other worker idles.
+    The order inside a file is kept."""
+    cache = getattr(config, "cache", None)
+    seconds = cache.get(FILE_SECONDS, {}) if cache else {}
+    if seconds:
+        items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], float("inf")))
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _file_seconds[path] = _file_seconds.get(path, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    cache = getattr(session.config, "cache", None)
+    if cache and _file_seconds and not hasattr(session.config, "workerinput"):  # xdist's controller, or no xdist
+        cache.set(FILE_SECONDS, {**cache.get(FILE_SECONDS, {}), **_file_seconds})
 
 
 @pytest.fixture(scope="session")

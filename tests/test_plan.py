@@ -44,16 +44,16 @@ def test_corrected_flops_match_the_analytic_count():
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     program = plan.train_program(cfg, m, mesh)
     corrected, _ = plan.corrected_cost(program, m.num_layers)
-    raw, _ = plan._cost(program.lower().compile())
+    raw, _ = plan._cost(program.lower())
     want = analytic_train_flops(m, pairs=4, p=64, r=64)
     assert abs(corrected / want - 1) < 0.10, (corrected, want)
     assert raw < 0.5 * want  # the layer scan (4 layers) and 2 micro-batches each counted once
 
 
-def run_plan(args, timeout=600):
+def run_plan(args, timeout=600, **env_vars):
     if not os.path.isdir(os.path.join(TPU_PATH, "libtpu")):
         pytest.skip(f"no libtpu in {TPU_PATH}: `make venv-tpu` installs it (make test does)")
-    env = dict(os.environ, PYTHONPATH=TPU_PATH)
+    env = dict(os.environ, PYTHONPATH=TPU_PATH, **env_vars)
     env.pop("XLA_FLAGS", None)
     env.pop("JAX_PLATFORMS", None)
     p = subprocess.run([sys.executable, "-m", "spin_jax", "plan", *args], cwd=ROOT, env=env, capture_output=True,
@@ -92,6 +92,28 @@ def test_lora_on_a_quantized_base_compiles_every_program(tiny_shapes):
                                                                                               ["sample"])}
     assert set(rows) == {"train", "score", "sample"} and all(r[-8] == "yes" for r in rows.values()), out
     assert all(r[-6] == "-" for r in rows.values()), out  # --memory-only: no FLOPs counted
+
+
+def test_a_second_plan_loads_every_compile_from_the_plan_cache_and_prints_the_same_table(tiny_shapes, tmp_path):
+    """A private plan cache: the second run compiles nothing and prints the first run's table; another
+    topology, or another batch size of the same programs, compiles again."""
+    def plan_with_cache(*extra):
+        rc, out, err = run_plan(["--config", "configs/tiny_test.yaml", *tiny_shapes, "--programs", "score", *extra],
+                                SPIN_JAX_PLAN_CACHE=str(tmp_path / "plan"))
+        assert rc == 0, out + err
+        return out, err
+
+    first, err = plan_with_cache("--topology", "v5e-8")
+    assert "compiled score" in err and "from the plan cache" not in err, err
+    entries = sorted(os.listdir(tmp_path / "plan"))
+    assert len(entries) == 3, entries  # the program, and its unrolled copies at 2 and 3 layers
+    again, err = plan_with_cache("--topology", "v5e-8")
+    assert "loaded score for v5e-8 (from the plan cache" in err and "compiled score" not in err, err
+    assert again == first and sorted(os.listdir(tmp_path / "plan")) == entries
+    _, err = plan_with_cache("--topology", "v5e-8", "--memory-only", "--set", "sampling.batch_size=16")
+    assert "compiled score" in err, err
+    _, err = plan_with_cache("--topology", "v5e-4", "--memory-only")
+    assert "compiled score" in err, err
 
 
 def test_a_config_that_does_not_fit_exits_1_with_advice(tiny_shapes):
@@ -140,7 +162,7 @@ m = tiny_config("mistral", vocab_size=256, hidden_size=128, intermediate_size=25
                 head_dim=64, sliding_window=48, attention="splash", dtype="bfloat16", remat="dots")
 out = {}
 for name, build in (("train", plan.train_program), ("score", plan.score_program)):
-    out[name] = build(cfg, m, mesh).lower().compile().as_text().count("tpu_custom_call")
+    out[name] = plan.compile_program(build(cfg, m, mesh).lower(), devices).text.count("tpu_custom_call")
 print(json.dumps(out))
 """
 
@@ -217,16 +239,14 @@ for kind, config, topology, sets in (
         if name not in wanted[kind].split(","):
             continue
         prog = build(cfg, m, pm, memory_bytes=chip.hbm_bytes) if name == "sample" else build(cfg, m, pm)
-        compiled = prog.lower().compile()
-        found = collectives.collectives(compiled.as_text(), unknown_trips=prog.unknown_trips)
+        compiled = plan.compile_program(prog.lower(), list(pm.devices.flat))
+        found = collectives.collectives(compiled.text, unknown_trips=prog.unknown_trips)
         decode = [c for c in found if c.in_data_dependent_loop and c.kind == "all-gather"]
         mesh_shape = prog.mesh or dict(pm.shape)
         if name == "sample" and mesh_shape["data"] == 1:  # tensor-parallel: every row is on every chip
             counts[name] = set()
-        mem = compiled.memory_analysis()
-        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
         out[f"{topology} {name}"] = {
-            "mesh": mesh_shape, "fits": peak <= chip.hbm_bytes,
+            "mesh": mesh_shape, "fits": compiled.peak_bytes <= chip.hbm_bytes,
             "whole_batch": [collectives.describe(c) for c in found if holds_token_count(c, counts[name])],
             "decode_weight_gathers": [collectives.describe(c) for c in decode if c.elements >= m.hidden_size ** 2]}
 print(json.dumps(out))
