@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/gpu_results.json")
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
+    from spin_jax.cli import enable_compile_cache
+
+    enable_compile_cache()  # a rerun loads the programs it compiled (warm-up only: no timed step compiles)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": []}
     peak_flops, peak_bw = next((v for k, v in PEAKS.items() if k in results["device"]), (None, None))
     for name, cfg, params, torch_factory in models(args.dry):
