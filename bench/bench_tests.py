@@ -43,18 +43,25 @@ def main() -> None:
     env = dict(os.environ, SPIN_JAX_COMPILE_CACHE=cache, SPIN_JAX_PLAN_CACHE=os.path.join(work, "plan"))
     print(f"# make test at {ref}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"clone and cache in {work}", flush=True)
+    failed = []
     for run in args.runs.split(","):
-        wall, peak, out = timed(["make", "test", f"ARGS={args.args}"], clone, env, os.path.join(work, f"{run}.log"))
+        log_path = os.path.join(work, f"{run}.log")
+        rc, wall, peak, out = timed(["make", "test", f"ARGS={args.args}"], clone, env, log_path)
         summary = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed)", line)]
         print(f"{run}: {wall:.0f} s ({wall / 60:.1f} min), peak RSS {peak / 2**30:.1f} GiB, "
-              f"{summary[-1].strip('= ') if summary else 'no pytest summary'}", flush=True)
+              f"{summary[-1].strip('= ') if summary else 'no pytest summary'}"
+              + (f"; make test FAILED (exit {rc}), its output: {log_path}" if rc else ""), flush=True)
         slow = out.split("slowest", 1)[1].splitlines()[1:16] if "slowest" in out else []
         for line in slow:
             print(f"    {line}")
+        if rc:
+            failed.append(run)
+    if failed:
+        sys.exit(f"make test failed in the {' and '.join(failed)} run(s): the times above include the failures")
 
 
 def timed(cmd, cwd, env, log_path):
-    """Wall seconds, peak summed RSS in bytes of the process tree, and the output of `cmd`."""
+    """Exit code, wall seconds, peak summed RSS in bytes of the process tree, and the output of `cmd`."""
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -68,9 +75,7 @@ def timed(cmd, cwd, env, log_path):
         watcher.join()
     with open(log_path) as f:
         out = f.read()
-    if p.returncode:
-        sys.exit(f"{' '.join(cmd)} failed (exit {p.returncode}); its output: {log_path}\n{out[-3000:]}")
-    return wall, peak[0], out
+    return p.returncode, wall, peak[0], out
 
 
 def _watch(root: int, peak: list, done: threading.Event) -> None:

@@ -442,6 +442,7 @@ def evaluate_tasks(lm: SpinLM, tm, tasks: Sequence[tuple[str, Optional[int]]], l
     results dict in lm-eval's schema. on_task(task, results, seconds) after each."""
     from lm_eval import evaluator
 
+    _env_info_once(evaluator)
     merged: dict = {}
     for task, shots in tasks:
         t0 = time.time()
@@ -457,6 +458,27 @@ def evaluate_tasks(lm: SpinLM, tm, tasks: Sequence[tuple[str, Optional[int]]], l
                 merged[key] = value
     merged.get("config", {}).pop("num_fewshot", None)  # per task: results["n-shot"]
     return merged
+
+
+def _env_info_once(evaluator) -> None:
+    """lm-eval's simple_evaluate ends with add_env_info, which runs torch's collect_env (some 40
+    subprocesses, ~0.4 s) every time; run a task at a time, it would give the same answer for each:
+    it is computed once per process, and later calls copy what it added."""
+    original = evaluator.add_env_info
+    if getattr(original, "spin_jax_once", False):
+        return
+    added: dict = {}
+
+    def once(storage: dict) -> None:
+        if not added:
+            before = set(storage)
+            original(storage)
+            added.update({k: v for k, v in storage.items() if k not in before})
+        else:
+            storage.update(added)
+
+    once.spin_jax_once = True
+    evaluator.add_env_info = once
 
 
 def write_results(path: str, results: dict, model_name: str, model_source: str, chat_template=None,

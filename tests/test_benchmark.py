@@ -181,13 +181,35 @@ def test_cli_writes_lm_eval_results_json(tiny_model_dir, tmp_path):
     r = json.loads(out.read_text())
     # lm_eval --output_path's keys
     assert {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config", "task_hashes",
-            "model_name", "lm_eval_version", "total_evaluation_time_seconds"} <= set(r)
+            "model_name", "lm_eval_version", "total_evaluation_time_seconds", "pretty_env_info",
+            "transformers_version"} <= set(r)
     assert set(r["results"]) == {"spin_local_mc", "spin_local_gen"}
     assert r["n-samples"]["spin_local_mc"]["effective"] == 4
     assert "acc,none" in r["results"]["spin_local_mc"]
     rows = [json.loads(line) for line in (tmp_path / "out.samples.spin_local_gen.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and isinstance(rows[0]["resps"][0][0], str)
     assert "spin_local_mc" in p.stdout and "acc_norm" in p.stdout  # lm-eval's table
+
+
+def test_environment_info_is_collected_once_and_given_to_every_task():
+    """lm-eval's add_env_info (torch's collect_env: some 40 subprocesses) runs once however many
+    tasks are evaluated one at a time; every later call gets the same keys and values."""
+    import types
+
+    calls = []
+
+    def add_env_info(storage):
+        calls.append(1)
+        storage.update(pretty_env_info=f"env {len(calls)}", transformers_version="5")
+
+    fake = types.SimpleNamespace(add_env_info=add_env_info)
+    benchmark._env_info_once(fake)
+    benchmark._env_info_once(fake)  # a second evaluate_tasks in the process wraps nothing again
+    results = [{"results": {}} for _ in range(3)]
+    for r in results:
+        fake.add_env_info(r)
+    assert len(calls) == 1
+    assert all(r == {"results": {}, "pretty_env_info": "env 1", "transformers_version": "5"} for r in results)
 
 
 def test_data_that_cannot_be_fetched_is_one_line_naming_task_data_set_and_the_fix(tiny_model_dir, tmp_path):
