@@ -205,13 +205,13 @@ def _compile_key(lowered, devices, compiler_options) -> str:
     return h.hexdigest()
 
 
-def compile_program(lowered, devices, compiler_options=None) -> Compiled:
+def compile_program(lowered, devices=None, compiler_options=None) -> Compiled:
     """lowered.compile(), or what an earlier compile of the same program stored in the plan cache.
     JAX's persistent compilation cache cannot serve a compile-only TPU client (it cannot load an
     executable without a TPU), and a plan needs only the compiler's text and figures, so those are
-    stored, gzipped JSON per program. Raises what the compile raises (a program too big for the
-    chip is never stored)."""
-    root = plan_cache_dir()
+    stored, gzipped JSON per program. Without `devices` (which the key needs) nothing is cached.
+    Raises what the compile raises (a program too big for the chip is never stored)."""
+    root = plan_cache_dir() if devices is not None else None
     path = os.path.join(root, _compile_key(lowered, devices, compiler_options) + ".json.gz") if root else None
     if path and os.path.exists(path):
         try:
@@ -373,9 +373,9 @@ def corrected_cost(program: Program, num_layers: int, compiler_options=None,
     differently from deeper ones, so it is not used.)"""
     flops = hbm = 0.0
     for lower_at, trips in program.parts:
-        c2, c3 = (_cost(lower_at(n, unroll=True), compiler_options, devices) for n in (2, 3))
-        flops += trips * (c2[0] + (num_layers - 2) * (c3[0] - c2[0]))
-        hbm += trips * (c2[1] + (num_layers - 2) * max(c3[1] - c2[1], 0.0))
+        c2, c3 = (compile_program(lower_at(n, unroll=True), devices, compiler_options) for n in (2, 3))
+        flops += trips * (c2.flops + (num_layers - 2) * (c3.flops - c2.flops))
+        hbm += trips * (c2.bytes_accessed + (num_layers - 2) * max(c3.bytes_accessed - c2.bytes_accessed, 0.0))
     return flops, hbm
 
 
@@ -390,17 +390,6 @@ def matmul_params(m: ModelConfig) -> tuple[int, int]:
     head = m.hidden_size * m.vocab_size
     embed = m.vocab_size * m.hidden_size
     return m.num_params() - embed - (0 if m.tie_embeddings else head) - m.hidden_size, head
-
-
-def _cost(lowered, compiler_options=None, devices=None) -> tuple[float, float]:
-    """(FLOPs, bytes accessed) of a lowered program from XLA's cost analysis; through the plan
-    cache where the devices are given."""
-    if devices is not None:
-        c = compile_program(lowered, devices, compiler_options)
-        return c.flops, c.bytes_accessed
-    c = lowered.compile(compiler_options=compiler_options).cost_analysis()
-    c = c[0] if isinstance(c, (list, tuple)) else c
-    return float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
 
 
 def _lengths(cfg: Config) -> tuple[int, int]:

@@ -22,7 +22,8 @@ training split), and the study measures on them:
 Uncertainty: a paired bootstrap over held-out prompts (study.bootstrap resamples) gives a 95%
 interval for each model's metric and for each difference against θ0 and against the matched other
 arm; distinct-2, a statistic of the whole set of answers, takes a delete-one jackknife instead
-(value ± 1.96 standard errors). Each step writes its files and is skipped when they exist: a killed study resumes.
+(value ± 1.96 standard errors). Each step writes its files and is skipped when they exist: a
+killed study resumes.
 Outputs under runs/<run>/study/: heldout.jsonl, answers/, scores/, features/, tasks/, results.json,
 study.md and the plots.
 """
@@ -358,7 +359,7 @@ class GramIds:
         only_here = np.array([int(np.sum(c == counts[u])) for x in self.ids
                               for u, c in [np.unique(x, return_counts=True)]], np.int64)
         total = lengths.sum() - lengths
-        return np.where(total > 0, (len(np.flatnonzero(counts)) - only_here) / np.maximum(total, 1), 0.0)
+        return np.where(total > 0, (len(counts) - only_here) / np.maximum(total, 1), 0.0)  # every id occurs
 
 
 def quantize(feats: dict[str, np.ndarray], buckets: int = 0, seed: int = MAUVE_SEED) -> tuple[dict, int]:
