@@ -246,6 +246,9 @@ def topology(name: str):
     if name not in SLICES:
         raise UsageError(f"--topology {name!r}: expected one of {', '.join([*SLICES, *ALIASES])}")
     kind, topo_name, chip_config, per_host = SLICES[name]
+    # A topology description opens no TPU: several plans (or a plan beside a run on a TPU VM) may
+    # load libtpu at once, which its /tmp/libtpu_lockfile otherwise refuses.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
