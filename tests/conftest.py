@@ -34,6 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPIN_JAX_COMPILE_CACHE", session_compile_cache())
 # `spin-jax plan`'s XLA:TPU compiles (spin_jax.plan.compile_program), beside it and keyed the same way
 os.environ.setdefault("SPIN_JAX_PLAN_CACHE", rundir.cache_home(f"plan-tests-{requirements_digest()}"))
+# transformers' own reading of the embedded GGUF files: the parity tests' reference (reference.transformers_from_gguf)
+os.environ.setdefault("SPIN_JAX_REFERENCE_CACHE", rundir.cache_home(f"reference-tests-{requirements_digest()}"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -82,21 +84,18 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_torch(smollm2):
     """transformers' own GGUF loader (dequantizes and un-permutes independently of ours)."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
+    pytest.importorskip("torch")
+    from tests.reference import transformers_from_gguf
 
-    d, f = os.path.split(smollm2.source)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    return model.eval()
+    return transformers_from_gguf(smollm2.source, "model")
 
 
 @pytest.fixture(scope="session")
 def smollm2_torch_tokenizer(smollm2):
     pytest.importorskip("torch")
-    from transformers import AutoTokenizer
+    from tests.reference import transformers_from_gguf
 
-    d, f = os.path.split(smollm2.source)
-    return AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return transformers_from_gguf(smollm2.source, "tokenizer")
 
 
 @pytest.fixture(scope="session")

@@ -127,12 +127,10 @@ def test_resume_and_epoch_shuffle():
 
 def test_prompt_ids_equal_transformers_template(tok):
     pytest.importorskip("torch")
-    from transformers import AutoTokenizer
-
     from spin_jax.io.load import resolve_model_path
+    from tests.reference import transformers_from_gguf
 
-    d, f = os.path.split(resolve_model_path("smollm2-135m-instruct"))
-    ref = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    ref = transformers_from_gguf(resolve_model_path("smollm2-135m-instruct"), "tokenizer")
     prompt, real = "Summarize: ünïcödé ✓ 12345\n\tTabs  and spaces", "A short answer.\n\nWith 2 lines."
     p, r, g = examples.encode_pair(tok, prompt, real, "", max_length=1024, max_prompt_length=512)
     want_p = ref.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,

@@ -2,8 +2,6 @@
 transformers, which reads the same file with its own dequantizer, tokenizer builder and PyTorch
 Gemma 3: tokenization, logits on real chat prompts, greedy decoding, and `score`."""
 
-import os
-
 import numpy as np
 import pytest
 
@@ -31,9 +29,9 @@ def gemma():
 
 @pytest.fixture(scope="module")
 def gemma_torch(gemma):
-    d, f = os.path.split(gemma.source)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    from tests.reference import transformers_from_gguf
+
+    return transformers_from_gguf(gemma.source, "model"), transformers_from_gguf(gemma.source, "tokenizer")
 
 
 def rel_err(a, b):

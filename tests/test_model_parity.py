@@ -113,6 +113,29 @@ def test_smollm2_logits_match_transformers_gguf(smollm2, smollm2_torch, smollm2_
     assert rel_err(ours, torch_logits(smollm2_torch, tokens)) <= 1e-4
 
 
+def test_the_kept_transformers_reference_is_what_transformers_read(smollm2, tmp_path, monkeypatch):
+    """The reference cache (tests.reference.transformers_from_gguf) gives back what transformers built
+    from the GGUF file: every weight bit for bit, the config, tokenization of special tokens and
+    digits, and the chat template."""
+    from tests.reference import transformers_from_gguf
+
+    monkeypatch.setenv("SPIN_JAX_REFERENCE_CACHE", str(tmp_path))
+    fresh = {part: transformers_from_gguf(smollm2.source, part) for part in ("model", "tokenizer")}
+    assert len(list(tmp_path.glob("*/*/DONE"))) == 2  # both kept
+    kept = {part: transformers_from_gguf(smollm2.source, part) for part in ("model", "tokenizer")}
+    a, b = fresh["model"].state_dict(), kept["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = [{k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}
+              for m in (fresh["model"], kept["model"])]
+    assert config[0] == config[1]
+    texts = ["Hello, world! 1234567890", "<|im_start|>user\nünïcödé ✓\t  spaces<|im_end|>", ""]
+    for t in texts:
+        assert fresh["tokenizer"](t)["input_ids"] == kept["tokenizer"](t)["input_ids"], t
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert (fresh["tokenizer"].apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            == kept["tokenizer"].apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+
 @pytest.mark.parametrize("cap", [None, 2.0])
 def test_attention_backward_matches_torch_float64(cap):
     """The hand-written attention backward against torch autograd of plain softmax attention in
