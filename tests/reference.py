@@ -41,19 +41,18 @@ def transformers_from_gguf(gguf_path: str, part: str):
     The first session stores what transformers built (the model's float32 weights as safetensors, the
     tokenizer's files) in the reference cache; later sessions load that instead of dequantizing and
     building again (Gemma 3 270M: ~1 min → seconds). What the tests compare against is unchanged:
-    the same transformers output, kept. A folder is published whole (rename), so two workers never
-    read a half-written one."""
+    the same transformers output, kept. A folder is published whole (rundir.written_dir), so a worker
+    never reads a half-written one."""
     import os
-    import shutil
-    import tempfile
 
     import torch
     import transformers
 
+    from spin_jax import rundir
+
     cached = _gguf_reference_dir(gguf_path)
-    done = cached and os.path.isfile(os.path.join(cached, part, "DONE"))
-    if done:
-        where = os.path.join(cached, part)
+    where = os.path.join(cached, part) if cached else None
+    if where and os.path.isdir(where):
         if part == "model":
             return transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32).eval()
         return transformers.AutoTokenizer.from_pretrained(where)
@@ -62,19 +61,13 @@ def transformers_from_gguf(gguf_path: str, part: str):
         built = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     else:
         built = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    if cached:
-        os.makedirs(cached, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{part}.", dir=cached)
-        if part == "model":  # save_pretrained refuses a GGUF-loaded model; its weights are plain float32 now
-            import safetensors.torch
+    if where:
+        with rundir.written_dir(where) as tmp:
+            if part == "model":  # save_pretrained refuses a GGUF-loaded model; its weights are plain float32 now
+                import safetensors.torch
 
-            safetensors.torch.save_model(built, os.path.join(tmp, "model.safetensors"))
-            built.config.to_json_file(os.path.join(tmp, "config.json"))
-        else:
-            built.save_pretrained(tmp)
-        open(os.path.join(tmp, "DONE"), "w").close()
-        try:
-            os.rename(tmp, os.path.join(cached, part))
-        except OSError:  # another worker published it first
-            shutil.rmtree(tmp, ignore_errors=True)
+                safetensors.torch.save_model(built, os.path.join(tmp, "model.safetensors"))
+                built.config.to_json_file(os.path.join(tmp, "config.json"))
+            else:
+                built.save_pretrained(tmp)
     return built
