@@ -23,9 +23,14 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
-    """The CLI runs of this module share a persistent compilation cache that stores every program,
-    so reruns (the kill -9 resume, iteration 1) load compiled programs from it."""
-    path = str(tmp_path_factory.mktemp("xla_cache"))
+    """The CLI runs of this module share a compilation cache of their own, apart from the session's,
+    as they kill runs with -9 (what a killed run leaves in it meets only these tests): reruns (the
+    kill -9 resume, iteration 1) load compiled programs from it, and it is kept between sessions
+    beside the session's cache (`<session cache>-driver`), as a user's cache outlives a killed run.
+    With the session's cache off, a temporary folder."""
+    session = os.environ.get("SPIN_JAX_COMPILE_CACHE", "off")
+    off = session.lower() in ("off", "0", "false", "none", "")
+    path = str(tmp_path_factory.mktemp("xla_cache")) if off else session.rstrip("/") + "-driver"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPIN_JAX_COMPILE_CACHE", path)
         mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
