@@ -48,7 +48,32 @@ enable_compile_cache()
 pytest_plugins = ["tests.fake_hub"]  # the `fake_hub` fixture: a Hub stand-in on 127.0.0.1
 
 FILE_SECONDS = "spin_jax/file_seconds"  # pytest's cache (.pytest_cache): each test file's seconds last time
+# each test file's seconds in a whole `make test` on a warm cache, committed, for a checkout whose pytest
+# cache has no record yet (a fresh clone); `make test ARGS=--record-file-seconds` rewrites it
+RECORDED_SECONDS = os.path.join(ROOT, "tests", "file_seconds.json")
 _file_seconds: dict = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-file-seconds", action="store_true",
+                     help="write each test file's seconds in this session to tests/file_seconds.json")
+
+
+def file_seconds(cache) -> dict:
+    """Each test file's seconds: the committed record, overridden by this checkout's last sessions."""
+    import json
+
+    try:
+        with open(RECORDED_SECONDS) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        recorded = {}
+    return {**recorded, **(cache.get(FILE_SECONDS, {}) if cache else {})}
+
+
+def slowest_first(paths, seconds: dict) -> list:
+    """Test files slowest first by `seconds`; files it does not know (new ones) before all."""
+    return sorted(paths, key=lambda path: -seconds.get(path, float("inf")))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -56,10 +81,10 @@ def pytest_collection_modifyitems(config, items):
     xdist's loadfile hands files to its workers in this order, so the long ones start at once and
     short ones fill the end, instead of a long file starting last while the other worker idles.
     The order inside a file is kept."""
-    cache = getattr(config, "cache", None)
-    seconds = cache.get(FILE_SECONDS, {}) if cache else {}
+    seconds = file_seconds(getattr(config, "cache", None))
     if seconds:
-        items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], float("inf")))
+        rank = {path: i for i, path in enumerate(slowest_first({i.nodeid.split("::")[0] for i in items}, seconds))}
+        items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
 
 
 def pytest_runtest_logreport(report):
@@ -69,8 +94,15 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session):
     cache = getattr(session.config, "cache", None)
-    if cache and _file_seconds and not hasattr(session.config, "workerinput"):  # xdist's controller, or no xdist
-        cache.set(FILE_SECONDS, {**cache.get(FILE_SECONDS, {}), **_file_seconds})
+    if _file_seconds and not hasattr(session.config, "workerinput"):  # xdist's controller, or no xdist
+        if cache:
+            cache.set(FILE_SECONDS, {**cache.get(FILE_SECONDS, {}), **_file_seconds})
+        if session.config.getoption("record_file_seconds"):
+            import json
+
+            with open(RECORDED_SECONDS, "w") as f:
+                json.dump({k: round(v, 1) for k, v in sorted(_file_seconds.items())}, f, indent=1)
+                f.write("\n")
 
 
 @pytest.fixture(scope="session")

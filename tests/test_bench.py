@@ -40,3 +40,33 @@ def test_bench_train_ratios_are_per_round_and_best_against_best():
     assert ratios["jax-in_step"]["best"] == 2.5
     assert ratios["jax-precomputed"]["per_round"] == [3.0, 1.5, 3.0] and ratios["jax-precomputed"]["median"] == 3.0
     assert ratios["jax-precomputed"]["best"] == 1.5
+
+
+def test_test_files_run_slowest_first_by_the_committed_record_and_this_checkouts_times(monkeypatch, tmp_path):
+    """make test's file order: the committed record of each file's seconds (a fresh clone), overridden
+    by this checkout's last sessions (pytest's cache); files in neither (new ones) first; and the
+    committed record parses (a broken one would be ignored in silence)."""
+    import conftest
+
+    record = tmp_path / "file_seconds.json"
+    record.write_text(json.dumps({"tests/a.py": 10.0, "tests/b.py": 50.0, "tests/c.py": 30.0}))
+    monkeypatch.setattr(conftest, "RECORDED_SECONDS", str(record))
+
+    class Cache:
+        def __init__(self, d):
+            self.d = d
+
+        def get(self, key, default):
+            return self.d.get(key, default)
+
+    files = ["tests/a.py", "tests/b.py", "tests/c.py", "tests/new.py"]
+    assert conftest.slowest_first(files, conftest.file_seconds(None)) == ["tests/new.py", "tests/b.py", "tests/c.py",
+                                                                          "tests/a.py"]
+    here = Cache({conftest.FILE_SECONDS: {"tests/a.py": 99.0}})
+    assert conftest.slowest_first(files, conftest.file_seconds(here)) == ["tests/new.py", "tests/a.py", "tests/b.py",
+                                                                          "tests/c.py"]
+    record.write_text("{not json")
+    assert conftest.file_seconds(here) == {"tests/a.py": 99.0}
+    with open(os.path.join(ROOT, "tests", "file_seconds.json")) as f:  # the committed record is read, not ignored
+        committed = json.load(f)
+    assert committed and all(k.startswith("tests/test_") and v > 0 for k, v in committed.items()), committed
