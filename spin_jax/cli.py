@@ -110,7 +110,7 @@ def enable_compile_cache() -> None:
         jax.config.update("jax_compilation_cache_max_size", -1 if remote else 4 << 30)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # JAX reads it itself
-    if path.lower() in ("off", "0", "false", "none"):
+    if rundir.cache_off(path):
         return
     if not path:
         path = rundir.cache_home("xla")

@@ -179,7 +179,7 @@ class Compiled:
 def plan_cache_dir() -> Optional[str]:
     """$SPIN_JAX_PLAN_CACHE (off: none), else ~/.cache/spin_jax/plan."""
     path = os.environ.get("SPIN_JAX_PLAN_CACHE", "")
-    if path.lower() in ("off", "0", "false", "none"):
+    if rundir.cache_off(path):
         return None
     return path or rundir.cache_home("plan")
 

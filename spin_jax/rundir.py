@@ -51,6 +51,11 @@ def cache_home(*parts: str) -> str:
     return os.path.join(base, "spin_jax", *parts)
 
 
+def cache_off(setting: str) -> bool:
+    """Whether a cache setting (SPIN_JAX_COMPILE_CACHE, SPIN_JAX_PLAN_CACHE, ...) turns its cache off."""
+    return setting.lower() in ("off", "0", "false", "none")
+
+
 def iter_dir(run_dir: str, t: int) -> str:
     return os.path.join(run_dir, f"iter{t}")
 

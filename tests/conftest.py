@@ -3,6 +3,7 @@ for the session, shared fixtures."""
 
 import glob
 import hashlib
+import json
 import os
 
 from spin_jax import rundir  # no JAX: the environment below is set before jax is imported
@@ -61,8 +62,6 @@ def pytest_addoption(parser):
 
 def file_seconds(cache) -> dict:
     """Each test file's seconds: the committed record, overridden by this checkout's last sessions."""
-    import json
-
     try:
         with open(RECORDED_SECONDS) as f:
             recorded = json.load(f)
@@ -98,8 +97,6 @@ def pytest_sessionfinish(session):
         if cache:
             cache.set(FILE_SECONDS, {**cache.get(FILE_SECONDS, {}), **_file_seconds})
         if session.config.getoption("record_file_seconds"):
-            import json
-
             with open(RECORDED_SECONDS, "w") as f:
                 json.dump({k: round(v, 1) for k, v in sorted(_file_seconds.items())}, f, indent=1)
                 f.write("\n")

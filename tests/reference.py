@@ -26,8 +26,10 @@ def _gguf_reference_dir(gguf_path: str):
     import importlib.metadata
     import os
 
+    from spin_jax import rundir
+
     root = os.environ.get("SPIN_JAX_REFERENCE_CACHE", "off")
-    if root == "off":
+    if rundir.cache_off(root):
         return None
     st = os.stat(gguf_path)
     versions = [importlib.metadata.version(p) for p in ("torch", "transformers", "gguf")]

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from spin_jax import rundir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,8 +30,8 @@ def compile_cache(tmp_path_factory):
     kill -9 resume, iteration 1) load compiled programs from it, and it is kept between sessions
     beside the session's cache (`<session cache>-driver`), as a user's cache outlives a killed run.
     With the session's cache off, a temporary folder."""
-    session = os.environ.get("SPIN_JAX_COMPILE_CACHE", "off")
-    off = session.lower() in ("off", "0", "false", "none", "")
+    session = os.environ.get("SPIN_JAX_COMPILE_CACHE", "")
+    off = not session or rundir.cache_off(session)
     path = str(tmp_path_factory.mktemp("xla_cache")) if off else session.rstrip("/") + "-driver"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPIN_JAX_COMPILE_CACHE", path)
