@@ -22,8 +22,9 @@ training split), and the study measures on them:
 Uncertainty: a paired bootstrap over held-out prompts (study.bootstrap resamples) gives a 95%
 interval for each model's metric and for each difference against θ0 and against the matched other
 arm; distinct-2, a statistic of the whole set of answers, takes a delete-one jackknife instead
-(value ± 1.96 standard errors). Each step writes its files and is skipped when they exist: a
-killed study resumes.
+(value ± 1.96 standard errors). A double bootstrap from the held-out prompts checks how well the
+rule's two MAUVE intervals cover (reported beside the decision). Each step writes its files and is
+skipped when they exist: a killed study resumes; wall.json sums each step's seconds over invocations.
 Outputs under runs/<run>/study/: heldout.jsonl, answers/, scores/, features/, tasks/, results.json,
 study.md and the plots.
 """
@@ -386,18 +387,50 @@ def quantize(feats: dict[str, np.ndarray], buckets: int = 0, seed: int = MAUVE_S
     return out, k
 
 
-def mauve_from_labels(p: np.ndarray, q: np.ndarray, k: int) -> float:
-    """MAUVE of two sets of cluster labels: mauve-text's divergence curve (25 points, scaling 5)
-    and its area, as compute_mauve takes them."""
-    from mauve.compute_mauve import get_divergence_curve_for_multinomials
-    from sklearn.metrics import auc
+MAUVE_WEIGHTS = np.linspace(1e-6, 1 - 1e-6, 25)  # compute_mauve's divergence-curve points
+MAUVE_SCALING = 5.0
 
-    ph = np.bincount(p, minlength=k).astype(np.float64)
-    qh = np.bincount(q, minlength=k).astype(np.float64)
-    curve = get_divergence_curve_for_multinomials(ph / ph.sum(), qh / qh.sum(), np.linspace(1e-6, 1 - 1e-6, 25), 5)
-    x, y = curve.T
-    i1, i2 = np.argsort(x), np.argsort(y)
-    return float(0.5 * (auc(x[i1], y[i1]) + auc(y[i2], x[i2])))
+
+def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) over the last axis; inf where p has mass and q none (mauve-text's kl_multinomial)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0) / np.where(q > 0, q, 1.0)), 0.0)
+    return np.where(((p > 0) & (q == 0)).any(-1), np.inf, terms.sum(-1))
+
+
+def _area(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The trapezoid area under y(x) with the points ordered by x (sklearn's auc), over the last axis."""
+    order = np.argsort(x, axis=-1, kind="stable")
+    x, y = np.take_along_axis(x, order, -1), np.take_along_axis(y, order, -1)
+    return np.sum(np.diff(x, axis=-1) * (y[..., 1:] + y[..., :-1]) / 2, axis=-1)
+
+
+def mauve_of_histograms(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """MAUVE of cluster histograms p and q ([..., k], any leading shape): mauve-text's divergence
+    curve (25 mixtures, scaling 5, its two extreme points) and the mean of its two areas, as
+    compute_mauve takes them, for a whole batch of bootstrap resamples at once."""
+    p = np.asarray(p, np.float64) / np.sum(p, -1, keepdims=True)
+    q = np.asarray(q, np.float64) / np.sum(q, -1, keepdims=True)
+    w = MAUVE_WEIGHTS[:, None]
+    r = w * p[..., None, :] + (1 - w) * q[..., None, :]  # [..., 25, k]
+    x = np.exp(-MAUVE_SCALING * _kl(q[..., None, :], r))
+    y = np.exp(-MAUVE_SCALING * _kl(p[..., None, :], r))
+    one, zero = np.ones(x.shape[:-1] + (1,)), np.zeros(x.shape[:-1] + (1,))
+    x, y = np.concatenate([one, x, zero], -1), np.concatenate([zero, y, one], -1)
+    return 0.5 * (_area(x, y) + _area(y, x))
+
+
+def histograms(labels: np.ndarray, k: int) -> np.ndarray:
+    """Cluster counts of each row of labels ([..., n] -> [..., k])."""
+    labels = np.asarray(labels)
+    rows = labels.reshape(-1, labels.shape[-1])
+    flat = (rows + k * np.arange(len(rows))[:, None]).reshape(-1)
+    return np.bincount(flat, minlength=k * len(rows)).reshape(labels.shape[:-1] + (k,)).astype(np.float64)
+
+
+def mauve_from_labels(p: np.ndarray, q: np.ndarray, k: int) -> float:
+    """MAUVE of two sets of cluster labels (mauve_of_histograms of their counts)."""
+    return float(mauve_of_histograms(histograms(p, k), histograms(q, k)))
 
 
 def mauve_text(p: np.ndarray, q: np.ndarray, buckets: int = 0) -> float:
@@ -462,6 +495,42 @@ def jackknife_interval(value: float, loo: np.ndarray, level: float = 0.95) -> tu
     se = math.sqrt((n - 1) / n * float(np.sum((loo - loo.mean()) ** 2)))
     z = statistics.NormalDist().inv_cdf(1 - (1 - level) / 2)
     return value - z * se, value + z * se
+
+
+CHECK_TRIALS = 200  # data sets in the double bootstrap that checks the rule's MAUVE intervals
+
+
+def mauve_difference(human: np.ndarray, a: np.ndarray, b: np.ndarray, k: int, idx: np.ndarray) -> np.ndarray:
+    """MAUVE(human, a) − MAUVE(human, b) on the prompts idx ([..., n] rows of prompt indices);
+    a and b are [seeds, N] cluster labels, MAUVE the mean over seeds as the study takes it."""
+    h = histograms(human[idx], k)
+
+    def mauve(x):
+        return np.mean([mauve_of_histograms(h, histograms(x[s][idx], k)) for s in range(len(x))], axis=0)
+
+    return mauve(a) - mauve(b)
+
+
+def check_mauve_interval(human: np.ndarray, a: np.ndarray, b: np.ndarray, k: int, resamples: int,
+                         trials: int = CHECK_TRIALS, level: float = 0.95, seed: int = 0) -> dict:
+    """A double bootstrap of the paired MAUVE difference the decision rule reads: the held-out
+    prompts (each with its human and both models' clusters) are taken as the population, whose
+    difference is known (the observed one); `trials` data sets of as many prompts are drawn from it,
+    and each gets the study's interval (`resamples` paired resamples, percentile). Returns how often
+    that interval covered the population's difference and the estimate's mean bias."""
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    n = len(human)
+    truth = float(mauve_difference(human, a, b, k, np.arange(n)))
+    rng = np.random.default_rng(seed)
+    covered, estimates = 0, []
+    for _ in range(trials):
+        draw = rng.integers(0, n, n)
+        h, x, y = human[draw], a[:, draw], b[:, draw]
+        estimates.append(float(mauve_difference(h, x, y, k, np.arange(n))))
+        lo, hi = interval(mauve_difference(h, x, y, k, rng.integers(0, n, (resamples, n))), level)
+        covered += lo <= truth <= hi
+    return {"difference": truth, "coverage": covered / trials, "bias": float(np.mean(estimates)) - truth,
+            "trials": trials, "resamples": resamples, "level": level}
 
 
 def bootstrap_indices(n: int, resamples: int, seed: int = 0) -> np.ndarray:
@@ -612,6 +681,12 @@ def analyse(cfg: Config, rows: list[dict], feats: dict[str, np.ndarray], tasks: 
               "heldout": n, "seeds": list(cfg.study.seeds), "bootstrap": cfg.study.bootstrap, "mauve_buckets": k,
               "feature_model": cfg.study.feature_model}
     result["decision"] = decide(result, cfg.study.iterations)
+    T = cfg.study.iterations
+    result["mauve_check"] = {  # how well the rule's two intervals cover, from these prompts (reported, not used)
+        f"spin{T} - {other}": check_mauve_interval(human, np.asarray(models[f"spin{T}"].labels),
+                                                   np.asarray(models[other].labels), k, cfg.study.bootstrap,
+                                                   seed=cfg.data.seed)
+        for other in ("theta0", f"sft{T}")}
     return result
 
 
@@ -674,6 +749,20 @@ def _vc(d: dict) -> tuple:
     return d["value"], d["ci"]
 
 
+def _check_lines(result: dict) -> list[str]:
+    """The double bootstrap's check of the rule's two MAUVE intervals, in words."""
+    checks = result.get("mauve_check") or {}
+    if not checks:
+        return []
+    c = next(iter(checks.values()))
+    parts = [f"{name.replace('spin', 'θ').replace('theta0', 'θ0').replace('sft', 'S')}: covered in "
+             f"{v['coverage']:.1%}, the difference's mean bias {v['bias']:+.4f}" for name, v in checks.items()]
+    return [f"Interval check (a double bootstrap: {c['trials']} data sets of {result['heldout']} prompts drawn from "
+            f"these, each with its own {c['resamples']}-resample interval, against the difference measured here): "
+            + "; ".join(parts) + f". Coverage near {c['level']:.0%} or above means the rule's intervals are not too "
+            "narrow; a bias of the size of a difference means its point value overstates or understates it."]
+
+
 def markdown(cfg: Config, result: dict, wall: dict) -> str:
     from spin_jax.report import table
 
@@ -691,6 +780,7 @@ def markdown(cfg: Config, result: dict, wall: dict) -> str:
            f"**{dec['verdict']}**: MAUVE θ{T} − θ0 = {_fmt(*_vc(dec['mauve_vs_theta0']))}"
            f"; θ{T} − S{T} = {_fmt(*_vc(dec['mauve_vs_sft']))}"
            + (f"; collapse: {', '.join(dec['collapse'])}" if dec["collapse"] else "; no collapse") + ".", "",
+           *_check_lines(result), "",
            "## Every model", "", f"![metrics]({PLOT})", ""]
     out += [table(["model", "updates", *[NAMES[m] for m in metrics]],
                   [[display(lab), str(result["updates"].get(lab, "—")),
@@ -714,7 +804,8 @@ def markdown(cfg: Config, result: dict, wall: dict) -> str:
         out += [table(["pair", *tasks], [[p.replace("theta0", "θ0"), *[
             f"{result['tasks'][t]['mcnemar'][p]['p']:.3f}" if p in result["tasks"][t]["mcnemar"] else "—"
             for t in tasks]] for p in pairs]), ""]
-    out += ["## Wall time", "", table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in wall.items()]), ""]
+    out += ["## Wall time", "", "Each step's seconds, summed over every invocation of the study.", "",
+            table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in wall.items()]), ""]
     return "\n".join(out)
 
 
@@ -749,6 +840,15 @@ def plot(cfg: Config, result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def add_wall(path: str, wall: dict) -> dict:
+    """Each step's seconds summed over every invocation of the study (a resumed study's table shows
+    what the whole study took, not only its last invocation), kept in path."""
+    total = rundir.read_json(path) if os.path.exists(path) else {}
+    total = {k: float(total.get(k, 0.0)) + float(wall.get(k, 0.0)) for k in dict.fromkeys([*total, *wall])}
+    rundir.write_json(path, total)
+    return total
+
+
 def run_study(cfg: Config, progress: bool = True) -> dict:
     """Train both arms, answer, score, featurize, run the tasks, analyse; each part resumes."""
     from spin_jax.io.load import load_tokenizer
@@ -756,7 +856,7 @@ def run_study(cfg: Config, progress: bool = True) -> dict:
     wall = {}
     t = time.time()
     updates = train_arms(cfg, progress)
-    wall["train both arms (this run)"] = time.time() - t
+    wall["train both arms"] = time.time() - t
     rows = heldout(cfg, load_tokenizer(cfg.model.name, cfg.model.chat_template))
     t = time.time()
     answer_and_score(cfg, rows, progress)
@@ -771,6 +871,7 @@ def run_study(cfg: Config, progress: bool = True) -> dict:
     result = analyse(cfg, rows, feats, tasks, updates, progress)
     wall["analysis"] = time.time() - t
     d = study_dir(cfg)
+    wall = add_wall(os.path.join(d, "wall.json"), wall)
     rundir.write_json(os.path.join(d, "results.json"), result)
     plot(cfg, result, os.path.join(d, PLOT))
     text = markdown(cfg, result, wall)
