@@ -1,11 +1,14 @@
 """`spin-jax benchmark` vs `lm_eval --model hf` (lm-eval's own PyTorch model): wall time of the
-same tasks on the same model and CPU, one run, each command timed whole (start-up, model load,
-compile or not, scoring, metrics), best of --repeats.
+same tasks on the same model and CPU, each command timed whole (start-up, model load, compile or
+not, scoring, metrics).
 
 The model is SmolLM2-135M-Instruct from the embedded GGUF, written once as an HF directory (fp32,
-with spin_jax's tokenizer) that both commands load. spin_jax's second and later runs read their
-compiled programs from the persistent compilation cache, as a user's rerun does; the first run,
-which compiles, is reported apart.
+with spin_jax's tokenizer) that both commands load. After one untimed spin_jax run that fills a
+compilation cache, each of --repeats rounds times three commands in turn: spin_jax with an empty
+compilation cache of its own (cold: it compiles, as a user's first run does), spin_jax reading the
+filled cache (warm: a user's rerun), and lm-eval. Taking them in turn spreads the machine's drift
+over all three; the figures are the medians over rounds (and the best of each), the ratios those
+of the medians.
 
     make bench-lm-eval                                  # the four local tasks
     python bench/bench_lm_eval.py --tasks spin_local_mc --num-fewshot 5 --repeats 2
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +43,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--num-fewshot", type=int, default=None, help="shots for every task (default: the tasks' 0)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each command after spin_jax's first")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds (spin_jax cold, spin_jax warm, lm-eval)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--data", default=None, choices=("offline",), help="the tasks' packaged copies (see above)")
     ap.add_argument("--limit", type=float, default=None, help="documents per task (per subtask for a group)")
@@ -73,21 +77,28 @@ def main() -> None:
         theirs += ["--num-fewshot", str(args.num_fewshot)] if args.num_fewshot is not None else []
         theirs += ["--hf-worker", model_dir]
         out_flag = None
-    first = _run(ours + ["--output", os.path.join(work, "ours_first.json")], env)
-    t_ours = min(_run(ours + ["--output", os.path.join(work, f"ours{k}.json")], env) for k in range(args.repeats))
-    t_hf = min(_run(theirs + ([out_flag] if out_flag else []) + [os.path.join(work, f"hf{k}")], env)
-               for k in range(args.repeats))
+    _run(ours + ["--output", os.path.join(work, "ours_fill.json")], env)  # fills the warm cache
+    cold, warm, theirs_s = [], [], []
+    for k in range(args.repeats):
+        cold_env = {**env, "SPIN_JAX_COMPILE_CACHE": os.path.join(work, f"xla-cold{k}")}
+        cold.append(_run(ours + ["--output", os.path.join(work, f"ours_cold{k}.json")], cold_env))
+        warm.append(_run(ours + ["--output", os.path.join(work, f"ours{k}.json")], env))
+        theirs_s.append(_run(theirs + ([out_flag] if out_flag else []) + [os.path.join(work, f"hf{k}")], env))
+    t_ours, first, t_hf = (statistics.median(x) for x in (warm, cold, theirs_s))
     metrics = _compare(os.path.join(work, "ours0.json"), os.path.join(work, "hf0"))
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.model} fp32, tasks "
           f"{args.tasks}, batch {args.batch_size}, max_length {args.max_length}, shots {args.num_fewshot or 0}")
-    print(f"spin-jax benchmark: {t_ours:.1f}s (first run, compiling: {first:.1f}s)")
-    print(f"{'lm-eval HFLM (Python API)' if args.data else 'lm_eval --model hf'}: {t_hf:.1f}s")
-    print(f"ratio (lm_eval hf / spin-jax, warm cache): {t_hf / t_ours:.2f}x; first run {t_hf / first:.2f}x")
+    print(f"{args.repeats} rounds, medians (best):")
+    print(f"spin-jax benchmark: warm cache {t_ours:.1f}s ({min(warm):.1f}s), empty cache {first:.1f}s "
+          f"({min(cold):.1f}s)")
+    print(f"{'lm-eval HFLM (Python API)' if args.data else 'lm_eval --model hf'}: {t_hf:.1f}s ({min(theirs_s):.1f}s)")
+    print(f"ratio (lm-eval / spin-jax): warm cache {t_hf / t_ours:.2f}x, empty cache {t_hf / first:.2f}x")
     for task, (a, b) in metrics.items():
         print(f"  {task}: spin_jax {a}  hf {b}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"spin_jax_s": t_ours, "spin_jax_first_s": first, "hf_s": t_hf, "metrics": metrics}, f, indent=1)
+            json.dump({"spin_jax_s": t_ours, "spin_jax_first_s": first, "hf_s": t_hf, "runs": {
+                "warm": warm, "cold": cold, "hf": theirs_s}, "metrics": metrics}, f, indent=1)
 
 
 def _run(cmd, env) -> float:

@@ -1,6 +1,8 @@
 """The Flax model against transformers' PyTorch models (logits, export round trip, the real SmolLM2)
 and the attention backward against torch in float64."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,19 @@ def test_logits_match_transformers_tiny(arch, tmp_path):
     for block in (0, 5):  # whole attention; query blocks of 5, 5 and 2 against the keys they can see
         ours, _ = jax.jit(lambda p, t: transformer.forward(p, cfg.replace(attn_block=block), t))(params, tokens)
         assert rel_err(ours, ref) <= 1e-4
+
+
+def test_a_bfloat16_checkpoint_reads_as_its_values_in_float32(tmp_path):
+    """Most Hub checkpoints are stored in bfloat16: read as float32, they give the logits of
+    transformers' model upcast from the same bfloat16 weights."""
+    m = torch_tiny("qwen2").to(torch.bfloat16)
+    m.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
+    cfg, params = hf.read_hf_dir(str(tmp_path))
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    tokens = np.random.default_rng(2).integers(0, 128, size=(2, 9))
+    ours, _ = transformer.forward(params, cfg, tokens)
+    assert rel_err(ours, torch_logits(m.float(), tokens)) <= 1e-5
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])

@@ -208,7 +208,7 @@ def _read_safetensors(path: str) -> dict:
     for name in files:
         file = os.path.join(path, name)
         try:
-            with safe_open(file, framework="flax") as f:
+            with safe_open(file, framework="numpy") as f:  # bfloat16 too (ml_dtypes); no device round trip
                 for key in f.keys():
                     tensors[key] = np.asarray(f.get_tensor(key))
         except FileNotFoundError:
