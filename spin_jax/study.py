@@ -164,15 +164,17 @@ def heldout(cfg: Config, tokenizer) -> list[dict]:
 
 def answer_and_score(cfg: Config, rows: list[dict], progress: bool = True) -> None:
     """Each model's answers to the held-out prompts (one file per seed) and the log-probs the
-    metrics need: of the human responses, of its own answers, and of its reference's answers
-    (SPIN's reward). One scoring and sampling program serves every model."""
+    metrics need: of the human responses, of its reference's answers, and of its own answers where
+    it is the next model's reference (SPIN's reward). One scoring and sampling program serves every
+    model."""
     from spin_jax import evaluate, sharding
     from spin_jax.data import tokenize
     from spin_jax.io.load import load_model_for
     from spin_jax.sampling import SamplingParams
 
     out = study_dir(cfg)
-    todo = [lab for lab in labels(cfg) if not os.path.exists(_scores_path(cfg, lab))]
+    refs = {previous(lab) for lab in labels(cfg)}  # the models some other model's margin is measured against
+    todo = [lab for lab in labels(cfg) if not _scored(cfg, lab, lab in refs)]
     if not todo:
         return
     mesh = sharding.local_mesh_from_config(cfg.mesh)
@@ -208,7 +210,8 @@ def answer_and_score(cfg: Config, rows: list[dict], progress: bool = True) -> No
         real, real_n = logps([r["response"] for r in rows], [True] * len(rows), f"score {label} human")
         scores = {"real_logp": real, "real_n": real_n, "own": {}, "ref": {}}
         for seed in cfg.study.seeds:
-            scores["own"][str(seed)] = logps(*answers_of(label, seed), f"score {label} own")[0]
+            if label in refs:  # its own answers' log-probs: the next model's margin needs them
+                scores["own"][str(seed)] = logps(*answers_of(label, seed), f"score {label} own")[0]
             ref = previous(label)
             if ref is not None:
                 scores["ref"][str(seed)] = logps(*answers_of(ref, seed), f"score {label} on {ref}'s")[0]
@@ -216,6 +219,18 @@ def answer_and_score(cfg: Config, rows: list[dict], progress: bool = True) -> No
         rundir.write_json(_scores_path(cfg, label), scores)
         log.info(f"study: {label} answered and scored -> {out}")
         del model, params
+
+
+def _scored(cfg: Config, label: str, is_ref: bool) -> bool:
+    """Whether label's scores file holds every seed's log-probs the study needs now (a study given
+    more seeds or iterations than it was scored with scores the models again)."""
+    path = _scores_path(cfg, label)
+    if not os.path.exists(path):
+        return False
+    s = rundir.read_json(path)
+    seeds = {str(x) for x in cfg.study.seeds}
+    return (seeds <= set(s.get("own", {})) or not is_ref) and (seeds <= set(s.get("ref", {}))
+                                                             or previous(label) is None)
 
 
 def _read_jsonl(path: str) -> list[dict]:

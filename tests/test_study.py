@@ -150,6 +150,31 @@ def test_arms_steps_and_conversations():
     assert study.matched("spin2") == "sft2" and study.matched("sft3") == "spin3" and study.matched("theta0") is None
 
 
+
+def test_a_model_is_scored_again_when_the_study_needs_log_probs_its_file_lacks(tmp_path):
+    """Scores are kept per model; a study given more seeds or iterations than they were written
+    with scores again the models whose files lack what it now needs (own answers for a reference,
+    each seed)."""
+    from spin_jax.config import load_config
+
+    cfg = load_config("configs/tiny_test.yaml", [f"runs_dir={tmp_path}", "study.iterations=2", "study.seeds=[0]"])
+    d = os.path.join(study.study_dir(cfg), "scores")
+    os.makedirs(d)
+
+    def write(label, own, ref):
+        with open(os.path.join(d, f"{label}.json"), "w") as f:
+            json.dump({"real_logp": [], "real_n": [], "own": {s: [] for s in own}, "ref": {s: [] for s in ref}}, f)
+
+    write("theta0", ["0"], [])
+    write("spin1", ["0"], ["0"])
+    write("spin2", [], ["0"])  # the last iterate: nobody's reference, so its own answers are not scored
+    assert study._scored(cfg, "theta0", True) and study._scored(cfg, "spin1", True)
+    assert study._scored(cfg, "spin2", False) and not study._scored(cfg, "spin2", True)
+    assert not study._scored(cfg, "sft1", True)  # no file
+    cfg = load_config("configs/tiny_test.yaml", [f"runs_dir={tmp_path}", "study.iterations=2", "study.seeds=[0,1]"])
+    assert not study._scored(cfg, "theta0", True) and not study._scored(cfg, "spin2", False)
+
+
 def cli(args, quiet=True):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "spin_jax", *args, *(["--no-progress"] if quiet else [])],
@@ -183,6 +208,8 @@ def test_a_tiny_study_writes_every_table_and_plot_and_resumes(tiny_model_dir, tm
     check = r["mauve_check"]["spin2 - theta0"]
     assert set(r["mauve_check"]) == {"spin2 - theta0", "spin2 - sft2"} and 0 <= check["coverage"] <= 1
     assert check["difference"] == pytest.approx(r["differences"]["spin2 - theta0"]["mauve"]["value"])
+    last = json.loads((d / "scores" / "spin2.json").read_text())  # nobody's reference: own answers not scored
+    assert last["own"] == {} and set(json.loads((d / "scores" / "spin1.json").read_text())["own"]) == {"0"}
     wall = json.loads((d / "wall.json").read_text())
     assert set(wall) == {"train both arms", "answers and scores", "features", "tasks", "analysis"}
     assert set(r["tasks"]["spin_local_mc"]["models"]) == set(labels)
