@@ -174,7 +174,7 @@ def answer_and_score(cfg: Config, rows: list[dict], progress: bool = True) -> No
 
     out = study_dir(cfg)
     refs = {previous(lab) for lab in labels(cfg)}  # the models some other model's margin is measured against
-    todo = [lab for lab in labels(cfg) if not _scored(cfg, lab, lab in refs)]
+    todo = [lab for lab in labels(cfg) if _missing(cfg, lab, lab in refs)]
     if not todo:
         return
     mesh = sharding.local_mesh_from_config(cfg.mesh)
@@ -207,30 +207,63 @@ def answer_and_score(cfg: Config, rows: list[dict], progress: bool = True) -> No
             got = _answers(cfg, who, seed)
             return [a["text"] for a in got], [a["finish_reason"] == "eos" for a in got]
 
-        real, real_n = logps([r["response"] for r in rows], [True] * len(rows), f"score {label} human")
-        scores = {"real_logp": real, "real_n": real_n, "own": {}, "ref": {}}
-        for seed in cfg.study.seeds:
-            if label in refs:  # its own answers' log-probs: the next model's margin needs them
-                scores["own"][str(seed)] = logps(*answers_of(label, seed), f"score {label} own")[0]
-            ref = previous(label)
-            if ref is not None:
-                scores["ref"][str(seed)] = logps(*answers_of(ref, seed), f"score {label} on {ref}'s")[0]
+        scores = _kept_scores(cfg, label)  # what an earlier run scored on the same answers is kept
+        if "real_logp" not in scores:
+            scores["real_logp"], scores["real_n"] = logps([r["response"] for r in rows], [True] * len(rows),
+                                                          f"score {label} human")
+        for kind, seed, who in _needed(cfg, label, label in refs):
+            if str(seed) not in scores[kind]:
+                scores[kind][str(seed)] = logps(*answers_of(who, seed), f"score {label} on {who}'s s{seed}")[0]
+                scores["answers"][f"{who}.s{seed}"] = _digest(_answers_path(cfg, who, seed))
         os.makedirs(os.path.dirname(_scores_path(cfg, label)), exist_ok=True)
         rundir.write_json(_scores_path(cfg, label), scores)
         log.info(f"study: {label} answered and scored -> {out}")
         del model, params
 
 
-def _scored(cfg: Config, label: str, is_ref: bool) -> bool:
-    """Whether label's scores file holds every seed's log-probs the study needs now (a study given
-    more seeds or iterations than it was scored with scores the models again)."""
+def _needed(cfg: Config, label: str, is_ref: bool) -> list[tuple[str, int, str]]:
+    """(kind, seed, whose answers) of every log-prob list label's scores must hold: its own answers
+    where it is another model's reference, its reference's answers (SPIN's margin), each seed."""
+    ref = previous(label)
+    return ([("own", x, label) for x in cfg.study.seeds] if is_ref else []) + (
+        [("ref", x, ref) for x in cfg.study.seeds] if ref is not None else [])
+
+
+def _digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _kept_scores(cfg: Config, label: str) -> dict:
+    """label's scores file without the entries whose answers file changed or went since they were
+    scored (a file from before the digests were kept is trusted: its digests are taken now)."""
     path = _scores_path(cfg, label)
-    if not os.path.exists(path):
-        return False
-    s = rundir.read_json(path)
-    seeds = {str(x) for x in cfg.study.seeds}
-    return (seeds <= set(s.get("own", {})) or not is_ref) and (seeds <= set(s.get("ref", {}))
-                                                             or previous(label) is None)
+    s = rundir.read_json(path) if os.path.exists(path) else {}
+    kept = {"own": dict(s.get("own", {})), "ref": dict(s.get("ref", {})), "answers": dict(s.get("answers", {}))}
+    if "real_logp" in s and "real_n" in s:
+        kept["real_logp"], kept["real_n"] = s["real_logp"], s["real_n"]
+    for kind, who in (("own", label), ("ref", previous(label))):
+        for seed in list(kept[kind]):
+            file = _answers_path(cfg, who, int(seed)) if who else ""
+            key = f"{who}.s{seed}"
+            if not os.path.exists(file):
+                del kept[kind][seed]
+            elif "answers" not in s:
+                kept["answers"][key] = _digest(file)
+            elif kept["answers"].get(key) != _digest(file):
+                del kept[kind][seed]
+    return kept
+
+
+def _missing(cfg: Config, label: str, is_ref: bool) -> bool:
+    """Whether label still lacks an answers file or a log-prob list the study needs now (a study
+    given more seeds or iterations than it was scored with scores only what is new)."""
+    if not all(os.path.exists(_answers_path(cfg, label, x)) for x in cfg.study.seeds):
+        return True
+    s = _kept_scores(cfg, label)
+    return "real_logp" not in s or any(str(seed) not in s[kind] for kind, seed, _ in _needed(cfg, label, is_ref))
 
 
 def _read_jsonl(path: str) -> list[dict]:

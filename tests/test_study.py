@@ -151,28 +151,40 @@ def test_arms_steps_and_conversations():
 
 
 
-def test_a_model_is_scored_again_when_the_study_needs_log_probs_its_file_lacks(tmp_path):
-    """Scores are kept per model; a study given more seeds or iterations than they were written
-    with scores again the models whose files lack what it now needs (own answers for a reference,
-    each seed)."""
+def test_a_model_is_scored_again_only_where_the_study_needs_log_probs_its_file_lacks(tmp_path):
+    """Scores are kept per model with a digest of the answers each list scored: a study given more
+    seeds or iterations than they were written with, or whose answers changed, scores again only
+    what is new or stale; the last model of an arm (nobody's reference) needs no own-answer scores."""
+    from spin_jax import rundir
     from spin_jax.config import load_config
 
-    cfg = load_config("configs/tiny_test.yaml", [f"runs_dir={tmp_path}", "study.iterations=2", "study.seeds=[0]"])
-    d = os.path.join(study.study_dir(cfg), "scores")
-    os.makedirs(d)
+    def config(seeds):
+        return load_config("configs/tiny_test.yaml", [f"runs_dir={tmp_path}", "study.iterations=2",
+                                                      f"study.seeds={seeds}"])
 
-    def write(label, own, ref):
-        with open(os.path.join(d, f"{label}.json"), "w") as f:
-            json.dump({"real_logp": [], "real_n": [], "own": {s: [] for s in own}, "ref": {s: [] for s in ref}}, f)
+    cfg = config("[0]")
+    os.makedirs(os.path.join(study.study_dir(cfg), "answers"))
+    for label in ("theta0", "spin1", "spin2"):
+        rundir.write_jsonl(study._answers_path(cfg, label, 0), [{"id": "a", "text": label, "finish_reason": "eos"}])
+    os.makedirs(os.path.join(study.study_dir(cfg), "scores"))
+
+    def write(label, own, ref):  # as written before the digests were kept
+        rundir.write_json(study._scores_path(cfg, label), {"real_logp": [-1.0], "real_n": [1], "own": {
+            x: [-2.0] for x in own}, "ref": {x: [-3.0] for x in ref}})
 
     write("theta0", ["0"], [])
     write("spin1", ["0"], ["0"])
-    write("spin2", [], ["0"])  # the last iterate: nobody's reference, so its own answers are not scored
-    assert study._scored(cfg, "theta0", True) and study._scored(cfg, "spin1", True)
-    assert study._scored(cfg, "spin2", False) and not study._scored(cfg, "spin2", True)
-    assert not study._scored(cfg, "sft1", True)  # no file
-    cfg = load_config("configs/tiny_test.yaml", [f"runs_dir={tmp_path}", "study.iterations=2", "study.seeds=[0,1]"])
-    assert not study._scored(cfg, "theta0", True) and not study._scored(cfg, "spin2", False)
+    write("spin2", [], ["0"])
+    assert not study._missing(cfg, "theta0", True) and not study._missing(cfg, "spin1", True)
+    assert not study._missing(cfg, "spin2", False) and study._missing(cfg, "spin2", True)
+    assert study._missing(cfg, "sft1", True)  # neither answers nor scores
+    assert study._needed(cfg, "spin2", False) == [("ref", 0, "spin1")]
+    rundir.write_json(study._scores_path(cfg, "spin1"), study._kept_scores(cfg, "spin1"))  # digests kept now
+    rundir.write_jsonl(study._answers_path(cfg, "theta0", 0), [{"id": "a", "text": "new", "finish_reason": "eos"}])
+    kept = study._kept_scores(cfg, "spin1")
+    assert kept["ref"] == {} and kept["own"] == {"0": [-2.0]} and kept["real_logp"] == [-1.0]
+    assert study._missing(cfg, "spin1", True)  # θ0's answers changed: spin1's margin on them is stale
+    assert all(study._missing(config("[0,1]"), lab, lab != "spin2") for lab in ("theta0", "spin1", "spin2"))
 
 
 def cli(args, quiet=True):
