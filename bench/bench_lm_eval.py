@@ -4,11 +4,11 @@ not, scoring, metrics).
 
 The model is SmolLM2-135M-Instruct from the embedded GGUF, written once as an HF directory (fp32,
 with spin_jax's tokenizer) that both commands load. After one untimed spin_jax run that fills a
-compilation cache, each of --repeats rounds times three commands in turn: spin_jax with an empty
-compilation cache of its own (cold: it compiles, as a user's first run does), spin_jax reading the
-filled cache (warm: a user's rerun), and lm-eval. Taking them in turn spreads the machine's drift
-over all three; the figures are the medians over rounds (and the best of each), the ratios those
-of the medians.
+compilation cache, each of --repeats rounds times three commands in turn: spin_jax with empty
+compilation and tokenizer caches of its own (cold: it compiles and builds its tokenizer, as a user's
+first run does), spin_jax reading the filled caches (warm: a user's rerun), and lm-eval. Taking them
+in turn spreads the machine's drift over all three; the figures are the medians over rounds (and the
+best of each), the ratios those of the medians.
 
     make bench-lm-eval                                  # the four local tasks
     python bench/bench_lm_eval.py --tasks spin_local_mc --num-fewshot 5 --repeats 2
@@ -56,7 +56,8 @@ def main() -> None:
     _run([sys.executable, "-c", "import sys; from spin_jax.io import hf; from spin_jax.io.load import load_model; "
           "m = load_model(sys.argv[1]); hf.export_hf_dir(m.params, m.cfg, sys.argv[2], m.tokenizer)",
           args.model, model_dir], {})
-    env = {"SPIN_JAX_COMPILE_CACHE": os.path.join(work, "xla"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {"SPIN_JAX_COMPILE_CACHE": os.path.join(work, "xla"), "SPIN_JAX_TOKENIZER_CACHE": os.path.join(work, "tok"),
+           "TOKENIZERS_PARALLELISM": "false"}
     ours = [sys.executable, "-m", "spin_jax", "benchmark", "--model", model_dir, "--tasks", args.tasks,
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--no-progress"]
     theirs = [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf", "--model_args",
@@ -80,7 +81,8 @@ def main() -> None:
     _run(ours + ["--output", os.path.join(work, "ours_fill.json")], env)  # fills the warm cache
     cold, warm, theirs_s = [], [], []
     for k in range(args.repeats):
-        cold_env = {**env, "SPIN_JAX_COMPILE_CACHE": os.path.join(work, f"xla-cold{k}")}
+        cold_env = {**env, "SPIN_JAX_COMPILE_CACHE": os.path.join(work, f"xla-cold{k}"),
+                    "SPIN_JAX_TOKENIZER_CACHE": os.path.join(work, f"tok-cold{k}")}
         cold.append(_run(ours + ["--output", os.path.join(work, f"ours_cold{k}.json")], cold_env))
         warm.append(_run(ours + ["--output", os.path.join(work, f"ours{k}.json")], env))
         theirs_s.append(_run(theirs + ([out_flag] if out_flag else []) + [os.path.join(work, f"hf{k}")], env))

@@ -7,9 +7,9 @@ workers and every CLI run they start, summed), the test count, and pytest's slow
     python bench/bench_tests.py --ref c1e203d      # another commit, in the same way
     python bench/bench_tests.py --runs warm        # only the warm run (after a cold one in --work)
 
-The run's caches live in --work (SPIN_JAX_COMPILE_CACHE, SPIN_JAX_PLAN_CACHE, and the tests' transformers
-references, SPIN_JAX_REFERENCE_CACHE), so ~/.cache is neither read nor changed; the pip cache is (the venv
-installs from it).
+The run's caches live in --work (SPIN_JAX_COMPILE_CACHE, SPIN_JAX_PLAN_CACHE, SPIN_JAX_TOKENIZER_CACHE
+and the tests' transformers references, SPIN_JAX_REFERENCE_CACHE), so ~/.cache is neither read nor
+changed; the pip cache is (the venv installs from it).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def main() -> None:
         subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
         subprocess.run(["git", "checkout", "-q", ref], cwd=clone, check=True)
     env = dict(os.environ, SPIN_JAX_COMPILE_CACHE=cache, SPIN_JAX_PLAN_CACHE=os.path.join(work, "plan"),
-               SPIN_JAX_REFERENCE_CACHE=os.path.join(work, "reference"))
+               SPIN_JAX_REFERENCE_CACHE=os.path.join(work, "reference"),
+               SPIN_JAX_TOKENIZER_CACHE=os.path.join(work, "tokenizers"))
     print(f"# make test at {ref}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"clone and cache in {work}", flush=True)
     failed = []

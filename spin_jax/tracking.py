@@ -87,6 +87,8 @@ class Tracker:
         self._call("summary", lambda: self.run.summary.update(data))
 
     def _table(self, key: str, columns: list, data: list) -> None:
+        if self.run is None:  # no W&B run: wandb is not imported (half a second)
+            return
         import wandb
 
         self._call("table", lambda: self.run.log({key: wandb.Table(columns=columns, data=data)}))

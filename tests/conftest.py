@@ -35,6 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPIN_JAX_COMPILE_CACHE", session_compile_cache())
 # `spin-jax plan`'s XLA:TPU compiles (spin_jax.plan.compile_program), beside it and keyed the same way
 os.environ.setdefault("SPIN_JAX_PLAN_CACHE", rundir.cache_home(f"plan-tests-{requirements_digest()}"))
+# spin_jax's tokenizers (spin_jax.io.tokenizer), kept apart from the user's
+os.environ.setdefault("SPIN_JAX_TOKENIZER_CACHE", rundir.cache_home(f"tokenizers-tests-{requirements_digest()}"))
 # transformers' own reading of the embedded GGUF files: the parity tests' reference (reference.transformers_from_gguf)
 os.environ.setdefault("SPIN_JAX_REFERENCE_CACHE", rundir.cache_home(f"reference-tests-{requirements_digest()}"))
 

@@ -3,28 +3,150 @@
 Both come back as a `transformers.PreTrainedTokenizerFast` carrying the model's own chat template
 (or none: `spin_jax.io.templates` sets one), so `apply_chat_template` is the one chat format for
 sampling, training and evaluation.
+
+Each is kept, pickled, in a cache (`~/.cache/spin_jax/tokenizers`; `SPIN_JAX_TOKENIZER_CACHE=DIR` or
+`off`): the next command reads it in a fraction of the time, without importing what AutoTokenizer
+imports (transformers' configuration classes and, through them, torch) or rebuilding a GGUF file's
+vocabulary (5 s for Gemma 3). An HF directory's entry is keyed by the bytes of its files other than
+weights, a GGUF file's by its path, size and modification time; both by the transformers and
+tokenizers versions and this module's source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import logging
+import os
+import pickle
+import sys
 
+from spin_jax import rundir
 from spin_jax.io.gguf_io import read_gguf_metadata_only
+
+log = logging.getLogger("spin_jax")
 
 GGUF_TOKEN_TYPE_CONTROL = 3
 GGUF_TOKEN_TYPE_USER_DEFINED = 4
 
 
-def tokenizer_from_hf_dir(path: str):
-    from transformers import AutoTokenizer
+TOKENIZER_CACHE_ENV = "SPIN_JAX_TOKENIZER_CACHE"
+CACHE_ENTRIES = 32  # the most recently used entries kept (each 1-15 MB)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".npy", ".npz", ".onnx")
 
-    return AutoTokenizer.from_pretrained(path)  # its chat template may be None (`templates.apply`)
+
+def tokenizer_from_hf_dir(path: str):
+    """AutoTokenizer's tokenizer for an HF directory (its chat template may be None: `templates.apply`)."""
+    def build():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+
+    tok = _cached(lambda: _dir_key(path), build)
+    tok.name_or_path = path  # an entry may have been written for the same files elsewhere
+    return tok
 
 
 @functools.lru_cache(maxsize=4)
 def tokenizer_from_gguf(path: str):
     """The tokenizer of a GGUF file, from its metadata: byte-level BPE ("gpt2": SmolLM2, Llama 3,
     Qwen) or SentencePiece BPE ("llama": Gemma, Llama 2)."""
+    def key():
+        st = os.stat(path)
+        return _key("gguf", os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+    return _cached(key, lambda: _tokenizer_from_gguf_metadata(path))
+
+
+def tokenizer_cache_dir() -> str | None:
+    """The tokenizer cache's folder, or None when $SPIN_JAX_TOKENIZER_CACHE turns it off."""
+    setting = os.environ.get(TOKENIZER_CACHE_ENV, "")
+    if setting and rundir.cache_off(setting):
+        return None
+    return setting or rundir.cache_home("tokenizers")
+
+
+@functools.lru_cache(maxsize=1)
+def _code_and_versions() -> tuple:
+    import importlib.metadata
+
+    with open(__file__, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()
+    return (source, importlib.metadata.version("transformers"), importlib.metadata.version("tokenizers"),
+            sys.version_info[:2])
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(repr((_code_and_versions(), parts)).encode()).hexdigest()[:32]
+
+
+def _dir_key(path: str) -> str:
+    """The key of an HF directory: the names and bytes of every file in it but weights and hidden ones."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES):
+                continue
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return _key("dir", digest.hexdigest())
+
+
+def _cached(key, build):
+    """`build()`'s tokenizer, read from the cache when an entry has `key()`, else built and kept. A
+    cache that cannot be read or written only costs the build (a warning if it cannot be written)."""
+    folder = tokenizer_cache_dir()
+    if folder is None:
+        return build()
+    entry = os.path.join(folder, key() + ".pkl")
+    try:
+        with open(entry, "rb") as f:
+            tok = pickle.load(f)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 - a damaged entry (a different transformers' classes, a cut file) is rebuilt
+        log.debug(f"tokenizer cache: {entry} unreadable ({type(e).__name__}: {e}); rebuilding it")
+    else:
+        with contextlib.suppress(OSError):  # a read-only cache is still read
+            os.utime(entry)  # recently used: kept by _prune
+        return tok
+    tok = build()
+    try:
+        data = pickle.dumps(tok)
+    except Exception as e:  # noqa: BLE001 - e.g. a custom tokenizer class that does not pickle: not kept
+        log.debug(f"tokenizer cache: {type(tok).__name__} does not pickle ({e}); not kept")
+        return tok
+    try:
+        os.makedirs(folder, exist_ok=True)
+        rundir.atomic_write(entry, data)
+        _prune(folder)
+    except OSError as e:
+        log.warning(f"tokenizer cache: could not write {entry} ({e.strerror or e}); the tokenizer is rebuilt "
+                    f"each time. Set {TOKENIZER_CACHE_ENV} to a writable folder, or to off.")
+    return tok
+
+
+def _prune(folder: str) -> None:
+    """Remove all but the CACHE_ENTRIES most recently used entries (another process may remove some too)."""
+    used = {}
+    for name in os.listdir(folder):
+        if name.endswith(".pkl"):
+            try:
+                used[name] = os.stat(os.path.join(folder, name)).st_mtime
+            except FileNotFoundError:
+                pass
+    for name in sorted(used, key=used.get)[:-CACHE_ENTRIES]:
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+
+
+def _tokenizer_from_gguf_metadata(path: str):
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
