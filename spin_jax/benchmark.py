@@ -446,9 +446,10 @@ def evaluate_tasks(lm: SpinLM, tm, tasks: Sequence[tuple[str, Optional[int]]], l
     merged: dict = {}
     for task, shots in tasks:
         t0 = time.time()
+        # torch_random_seed None: the model is JAX's (lm-eval would import torch only to seed it)
         r = evaluator.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit, task_manager=tm,
                                       apply_chat_template=apply_chat_template, log_samples=log_samples,
-                                      verbosity="ERROR")
+                                      verbosity="ERROR", torch_random_seed=None)
         if on_task:
             on_task(task, shots, r, time.time() - t0)
         for key, value in r.items():
@@ -461,24 +462,64 @@ def evaluate_tasks(lm: SpinLM, tm, tasks: Sequence[tuple[str, Optional[int]]], l
 
 
 def _env_info_once(evaluator) -> None:
-    """lm-eval's simple_evaluate ends with add_env_info, which runs torch's collect_env (some 40
-    subprocesses, ~0.4 s) every time; run a task at a time, it would give the same answer for each:
-    it is computed once per process, and later calls copy what it added."""
-    original = evaluator.add_env_info
-    if getattr(original, "spin_jax_once", False):
+    """lm-eval's simple_evaluate ends with add_env_info, whose `pretty_env_info` is torch's
+    collect_env: it imports torch (1-2 s) and runs some 40 subprocesses, for a model that uses
+    neither. It is replaced by `jax_env_info`, computed once per process: the same keys, with the
+    JAX environment that did the scoring as `pretty_env_info`."""
+    if getattr(evaluator.add_env_info, "spin_jax_once", False):
         return
     added: dict = {}
 
     def once(storage: dict) -> None:
         if not added:
-            before = set(storage)
-            original(storage)
-            added.update({k: v for k, v in storage.items() if k not in before})
-        else:
-            storage.update(added)
+            added.update(jax_env_info())
+        storage.update(added)
 
     once.spin_jax_once = True
     evaluator.add_env_info = once
+
+
+def jax_env_info() -> dict:
+    """lm-eval's add_env_info's keys: `pretty_env_info` (here spin_jax's, JAX's and the host's
+    versions and devices, where lm-eval puts PyTorch's), transformers_version, lm_eval_version and
+    upper_git_hash (the commit of the folder above, as lm-eval's)."""
+    import importlib.metadata
+    import pathlib
+    import platform
+    import sys
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    lines = [f"spin_jax version: {version('spin_jax')}"]
+    lines += [f"{p} version: {version(p)}" for p in ("jax", "jaxlib", "flax", "numpy", "transformers", "lm_eval")]
+    lines += [f"Python version: {sys.version.split()[0]} ({platform.python_implementation()})",
+              f"OS: {platform.platform()}", f"CPU: {_cpu_name()}, {os.cpu_count()} cores",
+              f"JAX backend: {jax.default_backend()}, {len(devices)} device(s) ({', '.join(kinds)}), "
+              f"{jax.process_count()} process(es)"]
+    return {"pretty_env_info": "\n".join(lines), "transformers_version": version("transformers"),
+            "lm_eval_version": version("lm_eval"),
+            "upper_git_hash": get_commit_from_path(pathlib.Path(os.getcwd(), ".."))}
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_results(path: str, results: dict, model_name: str, model_source: str, chat_template=None,

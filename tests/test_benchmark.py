@@ -173,16 +173,27 @@ def cli(args, env=None, cwd=None):
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
 
 
+# the CLI, saying at exit whether the process imported torch
+TORCH_WATCHED_CLI = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+                     "from spin_jax.cli import main; main(sys.argv[1:])")
+
+
 def test_cli_writes_lm_eval_results_json(tiny_model_dir, tmp_path):
+    from spin_jax.io import tokenizer
+
+    tokenizer.tokenizer_from_hf_dir(tiny_model_dir)  # kept: the CLI below reads it (a first read imports torch)
     out = tmp_path / "out.json"
-    p = cli(["benchmark", "--model", tiny_model_dir, "--tasks", "spin_local_mc,spin_local_gen", "--limit", "4",
-             "--max-length", "64", "--log-samples", "--output", str(out), "--no-progress"])
+    p = subprocess.run([sys.executable, "-c", TORCH_WATCHED_CLI, "benchmark", "--model", tiny_model_dir, "--tasks",
+                        "spin_local_mc,spin_local_gen", "--limit", "4", "--max-length", "64", "--log-samples",
+                        "--output", str(out), "--no-progress"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
+    assert "torch imported: False" in p.stdout  # a JAX model: lm-eval's torch seeding and collect_env skipped
     r = json.loads(out.read_text())
     # lm_eval --output_path's keys
     assert {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config", "task_hashes",
             "model_name", "lm_eval_version", "total_evaluation_time_seconds", "pretty_env_info",
-            "transformers_version"} <= set(r)
+            "transformers_version", "upper_git_hash"} <= set(r)
+    assert r["config"]["torch_seed"] is None and f"jax version: {jax.__version__}" in r["pretty_env_info"]
     assert set(r["results"]) == {"spin_local_mc", "spin_local_gen"}
     assert r["n-samples"]["spin_local_mc"]["effective"] == 4
     assert "acc,none" in r["results"]["spin_local_mc"]
@@ -191,17 +202,18 @@ def test_cli_writes_lm_eval_results_json(tiny_model_dir, tmp_path):
     assert "spin_local_mc" in p.stdout and "acc_norm" in p.stdout  # lm-eval's table
 
 
-def test_environment_info_is_collected_once_and_given_to_every_task():
-    """lm-eval's add_env_info (torch's collect_env: some 40 subprocesses) runs once however many
-    tasks are evaluated one at a time; every later call gets the same keys and values."""
+def test_environment_info_has_lm_evals_keys_is_collected_once_and_given_to_every_task(monkeypatch):
+    """In place of lm-eval's add_env_info (torch's collect_env: torch imported, some 40 subprocesses),
+    the JAX environment, with the keys lm-eval's adds, computed once however many tasks are evaluated
+    one at a time; every later call gets the same keys and values."""
     import types
 
-    calls = []
+    from lm_eval.loggers.utils import add_env_info
 
-    def add_env_info(storage):
-        calls.append(1)
-        storage.update(pretty_env_info=f"env {len(calls)}", transformers_version="5")
-
+    theirs: dict = {}
+    add_env_info(theirs)
+    calls, original = [], benchmark.jax_env_info
+    monkeypatch.setattr(benchmark, "jax_env_info", lambda: calls.append(1) or original())
     fake = types.SimpleNamespace(add_env_info=add_env_info)
     benchmark._env_info_once(fake)
     benchmark._env_info_once(fake)  # a second evaluate_tasks in the process wraps nothing again
@@ -209,7 +221,12 @@ def test_environment_info_is_collected_once_and_given_to_every_task():
     for r in results:
         fake.add_env_info(r)
     assert len(calls) == 1
-    assert all(r == {"results": {}, "pretty_env_info": "env 1", "transformers_version": "5"} for r in results)
+    assert all(r == results[0] for r in results) and set(results[0]) == {"results", *theirs}
+    ours = results[0]
+    for key in ("transformers_version", "lm_eval_version", "upper_git_hash"):
+        assert ours[key] == theirs[key], key
+    info = ours["pretty_env_info"]
+    assert f"jax version: {jax.__version__}" in info and f"{len(jax.devices())} device(s)" in info, info
 
 
 def test_data_that_cannot_be_fetched_is_one_line_naming_task_data_set_and_the_fix(tiny_model_dir, tmp_path):
