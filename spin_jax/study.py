@@ -474,6 +474,14 @@ def mauve_from_labels(p: np.ndarray, q: np.ndarray, k: int) -> float:
     return float(mauve_of_histograms(histograms(p, k), histograms(q, k)))
 
 
+def mauve_of_answers(human: np.ndarray, labels, k: int, idx: np.ndarray) -> np.ndarray:
+    """A model's MAUVE against the human responses on the prompts idx ([n], or [..., n] rows of
+    prompt indices for a batch of resamples), the mean over seeds as the study takes it; labels are
+    the answers' clusters, [seeds][N]."""
+    h = histograms(human[idx], k)
+    return np.mean([mauve_of_histograms(h, histograms(np.asarray(lab)[idx], k)) for lab in labels], axis=0)
+
+
 def mauve_text(p: np.ndarray, q: np.ndarray, buckets: int = 0) -> float:
     """mauve-text's own compute_mauve on two feature sets (its k-means on the pair)."""
     import mauve
@@ -501,7 +509,7 @@ class ModelData:
 def metric_fns(human_labels: np.ndarray, k: int) -> dict[str, Callable]:
     """name -> f(ModelData, idx) for every per-model metric."""
     def mauve(m, idx):
-        return float(np.mean([mauve_from_labels(human_labels[idx], lab[idx], k) for lab in m.labels]))
+        return float(mauve_of_answers(human_labels, m.labels, k, idx))
 
     def mean_over(attr):
         return lambda m, idx: float(np.mean(getattr(m, attr)[:, idx]))
@@ -543,13 +551,8 @@ CHECK_TRIALS = 200  # data sets in the double bootstrap that checks the rule's M
 
 def mauve_difference(human: np.ndarray, a: np.ndarray, b: np.ndarray, k: int, idx: np.ndarray) -> np.ndarray:
     """MAUVE(human, a) − MAUVE(human, b) on the prompts idx ([..., n] rows of prompt indices);
-    a and b are [seeds, N] cluster labels, MAUVE the mean over seeds as the study takes it."""
-    h = histograms(human[idx], k)
-
-    def mauve(x):
-        return np.mean([mauve_of_histograms(h, histograms(x[s][idx], k)) for s in range(len(x))], axis=0)
-
-    return mauve(a) - mauve(b)
+    a and b are [seeds, N] cluster labels (mauve_of_answers)."""
+    return mauve_of_answers(human, a, k, idx) - mauve_of_answers(human, b, k, idx)
 
 
 def check_mauve_interval(human: np.ndarray, a: np.ndarray, b: np.ndarray, k: int, resamples: int,
