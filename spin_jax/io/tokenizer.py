@@ -90,9 +90,7 @@ def _dir_key(path: str) -> str:
             if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES):
                 continue
             full = os.path.join(root, name)
-            digest.update(os.path.relpath(full, path).encode() + b"\0")
-            with open(full, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
+            digest.update(os.path.relpath(full, path).encode() + b"\0" + rundir.file_sha256(full).encode())
     return _key("dir", digest.hexdigest())
 
 
